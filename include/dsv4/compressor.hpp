@@ -1,0 +1,180 @@
+// The compressor: weights, per-request state, a batch, its plan, and the run.
+//
+//   dsv4::Compressor comp(spec, weights, {.device = dsv4::Device::cpu()});
+//   dsv4::StatePool state(comp, /*num_slots=*/64);
+//   dsv4::Batch batch;
+//   batch.add(/*slot=*/3, /*start=*/0, /*num_tokens=*/517);  // a prefill
+//   batch.add(/*slot=*/7, /*start=*/90, /*num_tokens=*/1);   // a decode step
+//   batch.cache_locations = {...};  // one per window the batch completes, request order
+//   dsv4::Plan plan = comp.plan(batch, state);
+//   comp.run(plan, x, state, {.cache = cache, .entries = entries});
+//
+// Prefill, chunked prefill, decode and multi-token decode are one operation: request i appends
+// num_tokens tokens from position start. Every window (ratio tokens) that the call completes
+// yields one entry, written to the caller's cache row cache_locations[k].
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include "dsv4/spec.hpp"
+#include "dsv4/types.hpp"
+
+namespace dsv4 {
+
+// Storage dtypes of the projection output and of the per-request state. The math after the
+// projection is always fp32. Each is DType::f32 or DType::bf16.
+struct Precision {
+  DType kv_score = DType::f32;
+  DType state = DType::f32;
+
+  friend bool operator==(const Precision&, const Precision&) = default;
+};
+
+// Weights as a checkpoint holds them. The compressor copies what it needs at construction.
+struct Weights {
+  TensorView wkv;    // bf16 [coff*head_dim, hidden]
+  TensorView wgate;  // bf16 [coff*head_dim, hidden]
+  TensorView ape;    // f32 [ratio, coff*head_dim]
+  TensorView norm;   // bf16 or f32 [head_dim]
+
+  // From the fused form engines keep: wkv_gate bf16 [2*coff*head_dim, hidden], kv rows first.
+  static Weights fused(const TensorView& wkv_gate, const TensorView& ape, const TensorView& norm);
+};
+
+struct Options {
+  Device device;  // where weights, state, x, cache and entries live
+  Precision precision;
+};
+
+// One request's part of a batch.
+struct Request {
+  std::int64_t slot = 0;        // state slot the caller assigned to the request
+  std::int64_t start = 0;       // position of the first appended token
+  std::int64_t num_tokens = 0;  // >= 1
+};
+
+// Number of windows of `ratio` tokens that appending [start, start + num_tokens) completes.
+std::int64_t windows_completed(std::int64_t start, std::int64_t num_tokens, std::int64_t ratio);
+
+struct Batch {
+  std::vector<Request> requests;
+  // One cache row per completed window: request order, windows ascending within a request.
+  std::vector<std::int64_t> cache_locations;
+
+  void add(std::int64_t slot, std::int64_t start, std::int64_t num_tokens) {
+    requests.push_back({slot, start, num_tokens});
+  }
+};
+
+class Compressor;
+namespace detail {
+struct PlanData;
+struct StateData;
+}  // namespace detail
+
+// Per-request state of a compressor, in slots the caller assigns. Each slot holds the
+// projected rows of the tokens its request still needs (the previous window and the current
+// incomplete one) and, on the host, the position the request has reached.
+class StatePool {
+ public:
+  // Library-owned memory on the compressor's device.
+  StatePool(const Compressor& compressor, std::int64_t num_slots);
+  // Caller-owned memory: a u8 tensor of bytes_required(...) bytes on the compressor's device.
+  StatePool(const Compressor& compressor, std::int64_t num_slots, const TensorView& memory);
+  ~StatePool();
+  StatePool(StatePool&&) noexcept;
+  StatePool& operator=(StatePool&&) noexcept;
+
+  static std::size_t bytes_required(const CompressorSpec& spec, Precision precision,
+                                    std::int64_t num_slots);
+
+  std::int64_t num_slots() const;
+  // The position the next call for this slot must start at (0 for a fresh slot).
+  std::int64_t next_position(std::int64_t slot) const;
+  // Forget the slot's request; its next call must start at position 0.
+  void release(std::int64_t slot);
+  // The whole pool's memory, as a u8 tensor (for hashing, saving, inspection).
+  TensorView memory() const;
+
+  const detail::StateData& data() const { return *data_; }
+  detail::StateData& data() { return *data_; }
+
+ private:
+  std::unique_ptr<detail::StateData> data_;
+};
+
+// A validated batch, ready to run. Built once per batch by Compressor::plan.
+class Plan {
+ public:
+  Plan();
+  ~Plan();
+  Plan(const Plan&);
+  Plan& operator=(const Plan&);
+  Plan(Plan&&) noexcept;
+  Plan& operator=(Plan&&) noexcept;
+
+  std::int64_t num_tokens() const;   // rows of x
+  std::int64_t num_entries() const;  // entries the batch completes
+  const std::vector<Request>& requests() const;
+  const std::vector<std::int64_t>& cache_locations() const;
+  // Row of x where request i's tokens begin, and index of its first entry.
+  std::int64_t token_offset(std::size_t request) const;
+  std::int64_t entry_offset(std::size_t request) const;
+
+  const detail::PlanData& data() const { return *data_; }
+
+ private:
+  friend class Compressor;
+  std::shared_ptr<const detail::PlanData> data_;
+};
+
+struct RunOutputs {
+  // u8 [cache_rows, spec.entry_bytes()]: completed entries go to rows plan.cache_locations().
+  std::optional<TensorView> cache;
+  // bf16 [plan.num_entries(), head_dim]: the entries before quantization, in plan order.
+  std::optional<TensorView> entries;
+};
+
+class Backend;
+
+class Compressor {
+ public:
+  Compressor(const CompressorSpec& spec, const Weights& weights, Options options = {});
+  ~Compressor();
+  Compressor(Compressor&&) noexcept;
+  Compressor& operator=(Compressor&&) noexcept;
+
+  const CompressorSpec& spec() const { return spec_; }
+  const Options& options() const { return options_; }
+
+  // Validates the batch against the spec and the state (slots in range and distinct, each
+  // start equal to the slot's next position or 0, one distinct non-negative cache location
+  // per completed window). Throws dsv4::Error; changes nothing.
+  Plan plan(const Batch& batch, const StatePool& state) const;
+
+  // Appends the planned tokens: x is bf16 [plan.num_tokens(), hidden]. Validates every tensor
+  // and that the state has not moved since the plan, then updates the state and writes the
+  // outputs. A rejected call throws dsv4::Error and changes nothing. `stream` is the
+  // cudaStream_t to order the work on (CUDA only; null means the default stream).
+  void run(const Plan& plan, const TensorView& x, StatePool& state, const RunOutputs& outputs,
+           void* stream = nullptr) const;
+
+  // plan() then run().
+  void forward(const Batch& batch, const TensorView& x, StatePool& state,
+               const RunOutputs& outputs, void* stream = nullptr) const;
+
+  Backend& backend() const { return *backend_; }
+
+ private:
+  CompressorSpec spec_;
+  Options options_;
+  std::unique_ptr<Backend> backend_;
+};
+
+// True when this build has the CUDA backend and a usable GPU is present.
+bool cuda_available();
+
+}  // namespace dsv4

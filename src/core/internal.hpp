@@ -1,0 +1,76 @@
+// What the front end hands to a backend: validated weights, a planned batch, the state pool.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "dsv4/compressor.hpp"
+
+namespace dsv4 {
+
+// Weights in the one form every backend starts from (host memory).
+struct HostWeights {
+  std::vector<std::uint16_t> wkv_gate;  // bf16 [2*coff*head_dim, hidden], kv rows first
+  std::vector<float> ape;               // [ratio, coff*head_dim]
+  std::vector<float> norm;              // [head_dim]
+};
+
+namespace detail {
+
+struct PlanData {
+  CompressorSpec spec;
+  std::vector<Request> requests;
+  std::vector<std::int64_t> cache_locations;
+  std::vector<std::int64_t> token_offsets;  // requests.size() + 1
+  std::vector<std::int64_t> entry_offsets;  // requests.size() + 1
+  std::vector<std::int32_t> entry_request;  // request of each entry
+  std::vector<std::int64_t> entry_window;   // window index of each entry within its request
+  std::int64_t max_cache_location = -1;
+  std::shared_ptr<void> backend_data;       // what a backend keeps per plan (device copies)
+
+  std::int64_t num_tokens() const { return token_offsets.back(); }
+  std::int64_t num_entries() const { return entry_offsets.back(); }
+};
+
+// A slot is a ring of ring_rows kv_score rows in the state dtype: token at position q lives in
+// row q % ring_rows, valid while q is at or after the start of the previous window (ratio 4)
+// or of the current window (ratio 128).
+struct StateData {
+  CompressorSpec spec;
+  Precision precision;
+  Device device;
+  std::int64_t num_slots = 0;
+  std::int64_t ring_rows = 0;
+  std::int64_t row_elems = 0;
+  std::size_t slot_bytes = 0;
+  void* memory = nullptr;
+  std::shared_ptr<void> owned;  // set when the library allocated `memory`
+  std::vector<std::int64_t> next_position;
+};
+
+inline std::int64_t state_ring_rows(const CompressorSpec& spec) {
+  return spec.overlap() ? 2 * spec.ratio : spec.ratio;
+}
+
+}  // namespace detail
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  // Zeroed memory on the backend's device, freed when the last owner lets go.
+  virtual std::shared_ptr<void> allocate_zeroed(std::size_t bytes) const = 0;
+  // Backend-specific per-plan data (for example, the plan's arrays on the device).
+  virtual void prepare(detail::PlanData& plan) const { (void)plan; }
+  // Runs a validated plan. Everything has been checked; this may not throw for bad input.
+  virtual void run(const detail::PlanData& plan, const TensorView& x, detail::StateData& state,
+                   const RunOutputs& outputs, void* stream) const = 0;
+};
+
+std::unique_ptr<Backend> make_cpu_backend(const CompressorSpec& spec, const HostWeights& weights,
+                                          Precision precision);
+// Throws dsv4::Error when this build has no CUDA backend or no usable GPU.
+std::unique_ptr<Backend> make_cuda_backend(const CompressorSpec& spec, const HostWeights& weights,
+                                           Precision precision, int device_index);
+
+}  // namespace dsv4

@@ -1,0 +1,86 @@
+// The CPU backend: the semantic reference of the tree. Stages run one after another over the
+// whole batch: projection, pooling, state update, then norm/RoPE/rotation and packing.
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "core/entry_format.hpp"
+#include "core/numerics.hpp"
+#include "core/rope.hpp"
+#include "cpu/stages.hpp"
+
+namespace dsv4 {
+
+namespace {
+
+class CpuBackend final : public Backend {
+ public:
+  CpuBackend(const CompressorSpec& spec, const HostWeights& weights, Precision precision)
+      : spec_(spec), precision_(precision), ape_(weights.ape), norm_(weights.norm),
+        inv_freq_(yarn_inv_freq(spec.rope)) {
+    // OpenBLAS multiplies fp32: upcast the bf16 weights once, here, not on every call.
+    w_.resize(weights.wkv_gate.size());
+    for (std::size_t i = 0; i < w_.size(); ++i) w_[i] = num::f32_from_bf16(weights.wkv_gate[i]);
+  }
+
+  std::shared_ptr<void> allocate_zeroed(std::size_t bytes) const override {
+    void* p = ::operator new(bytes == 0 ? 1 : bytes);
+    std::memset(p, 0, bytes);
+    return std::shared_ptr<void>(p, [](void* q) { ::operator delete(q); });
+  }
+
+  void run(const detail::PlanData& plan, const TensorView& x, detail::StateData& state,
+           const RunOutputs& outputs, void* /*stream*/) const override {
+    const std::int64_t tokens = plan.num_tokens();
+    const std::int64_t entries = plan.num_entries();
+    const std::int64_t width = spec_.projection_width();
+    const std::int64_t hd = spec_.head_dim;
+    // A bf16 state means every kv/score value is rounded to bf16 before pooling, whether or
+    // not it passes through the state, so that results never depend on where calls split.
+    const bool round_bf16 = precision_.kv_score == DType::bf16 || precision_.state == DType::bf16;
+
+    std::vector<float> kv_score(static_cast<std::size_t>(tokens * width));
+    cpu::project(x.as<const std::uint16_t>(), tokens, spec_.hidden, w_.data(), width, round_bf16,
+                 kv_score.data());
+
+    std::vector<float> pooled(static_cast<std::size_t>(entries * hd));
+    cpu::pool_windows(plan, kv_score.data(), state, ape_.data(), pooled.data());
+    cpu::update_state(plan, kv_score.data(), state);
+
+    const std::int64_t entry_bytes = spec_.entry_bytes();
+    std::vector<std::uint16_t> scratch;
+    std::uint16_t* finished = outputs.entries ? outputs.entries->as<std::uint16_t>() : nullptr;
+    if (!finished) {
+      scratch.resize(static_cast<std::size_t>(entries * hd));
+      finished = scratch.data();
+    }
+#pragma omp parallel for schedule(dynamic, 4)
+    for (std::int64_t e = 0; e < entries; ++e) {
+      const std::int64_t position = plan.entry_window[static_cast<std::size_t>(e)] * spec_.ratio;
+      std::uint16_t* entry = finished + e * hd;
+      cpu::finish_entry(spec_, norm_.data(), inv_freq_.data(), pooled.data() + e * hd, position, entry);
+      if (outputs.cache) {
+        auto* row = outputs.cache->as<std::uint8_t>() +
+                    plan.cache_locations[static_cast<std::size_t>(e)] * entry_bytes;
+        pack_entry(spec_, entry, row);
+      }
+    }
+  }
+
+ private:
+  CompressorSpec spec_;
+  Precision precision_;
+  std::vector<float> w_;  // [projection_width, hidden]
+  std::vector<float> ape_;
+  std::vector<float> norm_;
+  std::vector<float> inv_freq_;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cpu_backend(const CompressorSpec& spec, const HostWeights& weights,
+                                          Precision precision) {
+  return std::make_unique<CpuBackend>(spec, weights, precision);
+}
+
+}  // namespace dsv4
