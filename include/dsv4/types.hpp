@@ -44,8 +44,7 @@ struct TensorView {
   Device device;
 
   TensorView() = default;
-  TensorView(void* data_, DType dtype_, std::vector<std::int64_t> shape_, Device device_ = {})
-      : data(data_), dtype(dtype_), shape(std::move(shape_)), device(device_) {}
+  // Views of const data are allowed for inputs; the library never writes through an input.
   TensorView(const void* data_, DType dtype_, std::vector<std::int64_t> shape_,
              Device device_ = {})
       : data(const_cast<void*>(data_)), dtype(dtype_), shape(std::move(shape_)),

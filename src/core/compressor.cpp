@@ -202,6 +202,7 @@ Plan Compressor::plan(const Batch& batch, const StatePool& state) const {
     reject("state: expected a pool made for this compressor (same spec, precision and device)");
 
   auto p = std::make_shared<detail::PlanData>();
+  p->owner = backend_.get();
   p->spec = spec_;
   p->requests = batch.requests;
   p->token_offsets.reserve(batch.requests.size() + 1);
@@ -263,7 +264,7 @@ void Compressor::run(const Plan& plan, const TensorView& x, StatePool& state,
   if (!plan.data_) reject("plan: expected a plan made by Compressor::plan, got an empty one");
   const detail::PlanData& p = *plan.data_;
   detail::StateData& st = state.data();
-  if (!(p.spec == spec_)) reject("plan: expected a plan made by this compressor (same spec)");
+  if (p.owner != backend_.get()) reject("plan: expected a plan made by this compressor, got another's");
   if (!(st.spec == spec_) || !(st.precision == options_.precision) || !(st.device == options_.device))
     reject("state: expected a pool made for this compressor (same spec, precision and device)");
   for (const Request& r : p.requests)

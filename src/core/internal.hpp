@@ -19,6 +19,7 @@ struct HostWeights {
 namespace detail {
 
 struct PlanData {
+  const void* owner = nullptr;  // the backend of the compressor that made the plan
   CompressorSpec spec;
   std::vector<Request> requests;
   std::vector<std::int64_t> cache_locations;
