@@ -56,11 +56,17 @@ std::vector<SequenceOutput> run_sequences(const Compressor& compressor,
     std::vector<std::uint16_t> finished(static_cast<std::size_t>(entries * hd));
     std::vector<std::uint8_t> cache(static_cast<std::size_t>(entries * entry_bytes));
 
+    // x, entries and cache live where the compressor runs.
     const Plan plan = compressor.plan(batch, state);
+    const Device device = compressor.options().device;
+    Buffer x_dev(device, x.size() * 2), finished_dev(device, finished.size() * 2), cache_dev(device, cache.size());
+    x_dev.upload(x.data(), x.size() * 2);
     const auto t0 = std::chrono::steady_clock::now();
-    compressor.run(plan, TensorView(x.data(), DType::bf16, {plan.num_tokens(), spec.hidden}), state,
-                   {.cache = TensorView(cache.data(), DType::u8, {entries, entry_bytes}),
-                    .entries = TensorView(finished.data(), DType::bf16, {entries, hd})});
+    compressor.run(plan, x_dev.view(DType::bf16, {plan.num_tokens(), spec.hidden}), state,
+                   {.cache = cache_dev.view(DType::u8, {entries, entry_bytes}),
+                    .entries = finished_dev.view(DType::bf16, {entries, hd})});
+    finished_dev.download(finished.data(), finished.size() * 2);  // waits for the run
+    cache_dev.download(cache.data(), cache.size());
     local.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     local.calls += 1;
     local.tokens += plan.num_tokens();

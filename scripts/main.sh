@@ -4,4 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/build.sh
-exec ./"${BUILD_DIR:-build}"/dsv4-compressor demo "$@"
+tool=./"${BUILD_DIR:-build}"/dsv4-compressor
+device=cpu
+if "$tool" info | grep -q "GPU present"; then device=cuda; fi
+exec "$tool" demo --device "$device" "$@"

@@ -177,4 +177,28 @@ class Compressor {
 // True when this build has the CUDA backend and a usable GPU is present.
 bool cuda_available();
 
+// Plain memory on a device, for callers without an allocator of their own (tools, tests).
+// Copies are synchronous.
+class Buffer {
+ public:
+  Buffer(Device device, std::size_t bytes);
+  ~Buffer();
+  Buffer(Buffer&&) noexcept;
+  Buffer& operator=(Buffer&&) noexcept;
+
+  void* data() const { return data_; }
+  std::size_t size() const { return size_; }
+  Device device() const { return device_; }
+  // A view of the whole buffer (or a prefix of it) with the given dtype and shape.
+  TensorView view(DType dtype, std::vector<std::int64_t> shape) const;
+  void upload(const void* host, std::size_t bytes, std::size_t offset = 0);
+  void download(void* host, std::size_t bytes, std::size_t offset = 0) const;
+  void fill(std::uint8_t byte);
+
+ private:
+  Device device_;
+  std::size_t size_ = 0;
+  void* data_ = nullptr;
+};
+
 }  // namespace dsv4

@@ -18,6 +18,12 @@ class Error : public std::invalid_argument {
   using std::invalid_argument::invalid_argument;
 };
 
+// A device runtime failure (out of memory, a failed launch): not the caller's input.
+class DeviceError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
 enum class DType : std::uint8_t { f32, bf16, u8, i32, i64 };
 
 std::string_view dtype_name(DType dtype);

@@ -275,6 +275,8 @@ void Compressor::run(const Plan& plan, const TensorView& x, StatePool& state,
 
   const Device dev = options_.device;
   expect_tensor(x, "x", {DType::bf16}, {p.num_tokens(), spec_.hidden}, dev);
+  if (dev.type == DeviceType::cuda && reinterpret_cast<std::uintptr_t>(x.data) % 16 != 0)
+    reject("x: expected device data aligned to 16 bytes (the projection reads 16-byte vectors)");
   if (outputs.cache) {
     const TensorView& cache = *outputs.cache;
     const std::int64_t rows = cache.shape.empty() ? 0 : cache.shape[0];

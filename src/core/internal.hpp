@@ -68,6 +68,12 @@ class Backend {
                    const RunOutputs& outputs, void* stream) const = 0;
 };
 
+// Device memory primitives behind dsv4::Buffer (src/cuda, or errors without CUDA).
+void* cuda_malloc(int device, std::size_t bytes);
+void cuda_free(int device, void* p);
+void cuda_copy(int device, void* dst, const void* src, std::size_t bytes);  // any direction
+void cuda_fill(int device, void* p, std::uint8_t byte, std::size_t bytes);
+
 std::unique_ptr<Backend> make_cpu_backend(const CompressorSpec& spec, const HostWeights& weights,
                                           Precision precision);
 // Throws dsv4::Error when this build has no CUDA backend or no usable GPU.

@@ -12,32 +12,39 @@ namespace dsv4::test {
 
 namespace {
 
-class HostBuffers final : public Buffers {
+// Tensors in dsv4::Buffer memory on any device.
+class DeviceBuffers final : public Buffers {
  public:
+  explicit DeviceBuffers(Device device) : device_(device) {}
   TensorView upload(const void* host, DType dtype, std::vector<std::int64_t> shape) override {
     TensorView t = poisoned(dtype, std::move(shape), 0);
-    if (t.nbytes()) std::memcpy(t.data, host, t.nbytes());
+    store_.back().upload(host, t.nbytes());
     return t;
   }
   TensorView poisoned(DType dtype, std::vector<std::int64_t> shape, std::uint8_t poison) override {
-    TensorView t(nullptr, dtype, std::move(shape));
-    store_.emplace_back(t.nbytes() + 1, poison);
-    t.data = store_.back().data();
-    return t;
+    std::size_t bytes = dtype_size(dtype);
+    for (std::int64_t d : shape) bytes *= static_cast<std::size_t>(d);
+    store_.emplace_back(device_, bytes + 16);
+    store_.back().fill(poison);
+    return store_.back().view(dtype, std::move(shape));
   }
   void download(const TensorView& t, void* host) override {
-    if (t.nbytes()) std::memcpy(host, t.data, t.nbytes());
+    for (const Buffer& b : store_)
+      if (b.data() == t.data) return b.download(host, t.nbytes());
+    throw Error("download: not a tensor of these buffers");
   }
 
  private:
-  std::vector<std::vector<std::uint8_t>> store_;
+  Device device_;
+  std::vector<Buffer> store_;
 };
 
 constexpr std::uint8_t kPoison = 0xff;  // bf16 0xffff is NaN; cache rows of 0xff never occur
 
 }  // namespace
 
-std::unique_ptr<Buffers> host_buffers() { return std::make_unique<HostBuffers>(); }
+std::unique_ptr<Buffers> host_buffers() { return device_buffers(Device::cpu()); }
+std::unique_ptr<Buffers> device_buffers(Device device) { return std::make_unique<DeviceBuffers>(device); }
 
 std::vector<Sequence> random_sequences(std::int64_t count, std::int64_t min_len, std::int64_t max_len,
                                        std::int64_t hidden, std::mt19937_64& rng) {

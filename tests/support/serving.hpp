@@ -22,6 +22,7 @@ class Buffers {
   virtual void download(const TensorView& t, void* host) = 0;
 };
 std::unique_ptr<Buffers> host_buffers();
+std::unique_ptr<Buffers> device_buffers(Device device);
 
 struct Sequence {
   std::vector<std::uint16_t> x;  // bf16 [length, hidden]

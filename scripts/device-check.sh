@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# On a machine with an NVIDIA GPU: build for sm_90a, run the CPU and GPU test suites, the
+# GPU suites under compute-sanitizer (memcheck, racecheck) on reduced shapes, and the demo.
+# Logs go to $OUT (or out/). Stages: build test sanitize demo (default: all).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+stages=${*:-build test sanitize demo}
+BUILD_DIR=${BUILD_DIR:-build-device}
+status=0
+log() { echo "== $*" | tee -a "$OUT/summary.txt"; }
+
+for stage in $stages; do
+  case $stage in
+    build)
+      log "build $(date -u +%FT%TZ) $(git rev-parse --short HEAD 2>/dev/null)"
+      nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$OUT/summary.txt"
+      cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DDSV4_CUDA=ON \
+        -DCMAKE_CUDA_ARCHITECTURES=90a-real >"$OUT/build.log" 2>&1 &&
+        cmake --build "$BUILD_DIR" >>"$OUT/build.log" 2>&1 || { log "build FAILED"; tail -30 "$OUT/build.log"; exit 1; }
+      ;;
+    test)
+      "$BUILD_DIR"/tests/dsv4_cuda_tests >"$OUT/cuda_tests.log" 2>&1; rc=$?
+      log "dsv4_cuda_tests rc=$rc: $(grep -E '^\[  (PASSED|FAILED|SKIPPED) ' "$OUT/cuda_tests.log" | tr '\n' ' ')"
+      grep -E "relative L2|FAILED|Failure" "$OUT/cuda_tests.log" | head -80
+      [ $rc -eq 0 ] || status=1
+      "$BUILD_DIR"/tests/dsv4_tests >"$OUT/cpu_tests.log" 2>&1; rc=$?
+      log "dsv4_tests rc=$rc: $(grep -E '^\[  (PASSED|FAILED) ' "$OUT/cpu_tests.log" | tr '\n' ' ')"
+      [ $rc -eq 0 ] || status=1
+      ;;
+    sanitize)
+      filter='*CudaVsCpu*Flash_CsaMain_Scoref32_Statef32*:*CudaVsCpu*Flash_CsaIndexer_Scoref32_Statebf16*:*CudaVsCpu*Flash_Hca_Scorebf16_Statebf16*:*CudaSplitInvariant*Flash_CsaMain_Scorebf16_Statef32*:CudaGraph.*'
+      for tool in memcheck racecheck; do
+        DSV4_TEST_SMALL=1 compute-sanitizer --tool $tool --error-exitcode 99 \
+          "$BUILD_DIR"/tests/dsv4_cuda_tests --gtest_filter="$filter" >"$OUT/sanitizer_$tool.log" 2>&1; rc=$?
+        log "compute-sanitizer $tool rc=$rc: $(grep -E 'ERROR SUMMARY|^\[  (PASSED|FAILED) ' "$OUT/sanitizer_$tool.log" | tr '\n' ' ')"
+        [ $rc -eq 0 ] || status=1
+      done
+      ;;
+    demo)
+      "$BUILD_DIR"/dsv4-compressor demo --device cuda >"$OUT/demo.log" 2>&1; rc=$?
+      cat "$OUT/demo.log"
+      log "demo rc=$rc"
+      [ $rc -eq 0 ] || status=1
+      ;;
+  esac
+done
+cat "$OUT/summary.txt"
+exit $status

@@ -1,0 +1,138 @@
+// The CUDA backend: three stream-ordered steps per run, all on the caller's stream, with no
+// host synchronisation or allocation once the plan exists (so a run can be graph-captured):
+//   1. projection GEMM (cuBLASLt) into the plan's kv_score workspace, fp32 or bf16;
+//   2. compress_entries: pooling + RMSNorm + RoPE + rotation + fp8 packing, one block per entry;
+//   3. update_state: the rows later calls need go into each request's ring.
+#include <cuda_runtime.h>
+
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "core/entry_format.hpp"
+#include "core/internal.hpp"
+#include "core/rope.hpp"
+#include "cuda/cuda_check.hpp"
+#include "cuda/kernels.hpp"
+#include "cuda/projection.hpp"
+
+namespace dsv4 {
+
+namespace {
+
+// Device memory freed when the last owner lets go.
+std::shared_ptr<void> device_alloc(int device, std::size_t bytes) {
+  void* p = cuda_malloc(device, bytes);
+  return std::shared_ptr<void>(p, [device](void* q) { cuda_free(device, q); });
+}
+
+template <class T>
+std::shared_ptr<void> device_copy(int device, const std::vector<T>& host) {
+  auto p = device_alloc(device, host.size() * sizeof(T));
+  cuda_copy(device, p.get(), host.data(), host.size() * sizeof(T));
+  return p;
+}
+
+// What a plan keeps on the device: its arrays and the kv_score workspace.
+struct CudaPlan {
+  std::shared_ptr<void> arrays;
+  std::shared_ptr<void> kv_score;
+  cuda::DevicePlan view;
+};
+
+class CudaBackend final : public Backend {
+ public:
+  CudaBackend(const CompressorSpec& spec, const HostWeights& weights, Precision precision, int device)
+      : spec_(spec), precision_(precision), device_(device),
+        projection_(device, spec.projection_width(), spec.hidden, precision.kv_score) {
+    cuda::DeviceGuard guard(device_);
+    wkv_gate_ = device_copy(device_, weights.wkv_gate);
+    ape_ = device_copy(device_, weights.ape);
+    norm_ = device_copy(device_, weights.norm);
+    inv_freq_ = device_copy(device_, yarn_inv_freq(spec.rope));
+    consts_.ratio = static_cast<int>(spec.ratio);
+    consts_.head_dim = static_cast<int>(spec.head_dim);
+    consts_.rope_dim = static_cast<int>(spec.rope.dim);
+    consts_.overlap = spec.overlap();
+    consts_.rotate = spec.rotate;
+    consts_.fp8 = spec.entry_format == EntryFormat::fp8_ds;
+    consts_.round_bf16 = precision.kv_score == DType::bf16 || precision.state == DType::bf16;
+    consts_.eps = spec.rms_eps;
+    consts_.entry_bytes = spec.entry_bytes();
+    consts_.ape = static_cast<const float*>(ape_.get());
+    consts_.norm = static_cast<const float*>(norm_.get());
+    consts_.inv_freq = static_cast<const float*>(inv_freq_.get());
+  }
+
+  std::shared_ptr<void> allocate_zeroed(std::size_t bytes) const override {
+    auto p = device_alloc(device_, bytes);
+    cuda_fill(device_, p.get(), 0, bytes);
+    return p;
+  }
+
+  void prepare(detail::PlanData& plan) const override {
+    cuda::DeviceGuard guard(device_);
+    const std::size_t b = plan.requests.size(), e = static_cast<std::size_t>(plan.num_entries());
+    // One array: slot, start, num_tokens [b]; token_offset, entry_offset [b + 1]; locations [e].
+    std::vector<std::int64_t> host(3 * b + 2 * (b + 1) + e);
+    for (std::size_t i = 0; i < b; ++i) {
+      host[i] = plan.requests[i].slot;
+      host[b + i] = plan.requests[i].start;
+      host[2 * b + i] = plan.requests[i].num_tokens;
+    }
+    std::copy(plan.token_offsets.begin(), plan.token_offsets.end(), host.begin() + static_cast<std::ptrdiff_t>(3 * b));
+    std::copy(plan.entry_offsets.begin(), plan.entry_offsets.end(), host.begin() + static_cast<std::ptrdiff_t>(4 * b + 1));
+    std::copy(plan.cache_locations.begin(), plan.cache_locations.end(), host.begin() + static_cast<std::ptrdiff_t>(5 * b + 2));
+    auto cp = std::make_shared<CudaPlan>();
+    cp->arrays = device_copy(device_, host);
+    const auto* base = static_cast<const std::int64_t*>(cp->arrays.get());
+    cp->view.slot = base;
+    cp->view.start = base + b;
+    cp->view.num_tokens = base + 2 * b;
+    cp->view.token_offset = base + 3 * b;
+    cp->view.entry_offset = base + 4 * b + 1;
+    cp->view.cache_location = base + 5 * b + 2;
+    cp->view.num_requests = static_cast<int>(b);
+    cp->view.num_entries = static_cast<int>(e);
+    cp->kv_score = device_alloc(device_, static_cast<std::size_t>(plan.num_tokens() * spec_.projection_width()) *
+                                             dtype_size(precision_.kv_score));
+    plan.backend_data = cp;
+  }
+
+  void run(const detail::PlanData& plan, const TensorView& x, detail::StateData& state, const RunOutputs& outputs,
+           void* stream_ptr) const override {
+    cuda::DeviceGuard guard(device_);
+    const auto stream = static_cast<cudaStream_t>(stream_ptr);
+    const auto& cp = *static_cast<const CudaPlan*>(plan.backend_data.get());
+    const std::int64_t width = spec_.projection_width();
+    projection_.run(x.data, plan.num_tokens(), wkv_gate_.get(), cp.kv_score.get(), width, stream);
+    const cuda::KvScoreView kv{cp.kv_score.get(), precision_.kv_score, width};
+    const cuda::StateView st{state.memory, precision_.state, state.slot_bytes, state.ring_rows, state.row_elems};
+    cuda::launch_compress_entries(consts_, cp.view, kv, st,
+                                  outputs.cache ? outputs.cache->as<std::uint8_t>() : nullptr,
+                                  outputs.entries ? outputs.entries->as<std::uint16_t>() : nullptr, stream);
+    cuda::launch_update_state(consts_, cp.view, kv, st, stream);
+  }
+
+ private:
+  CompressorSpec spec_;
+  Precision precision_;
+  int device_;
+  cuda::Projection projection_;
+  std::shared_ptr<void> wkv_gate_, ape_, norm_, inv_freq_;
+  cuda::CompressorConsts consts_;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cuda_backend(const CompressorSpec& spec, const HostWeights& weights, Precision precision,
+                                           int device_index) {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0)
+    throw Error("device: cuda:" + std::to_string(device_index) + " requested but no usable GPU is present");
+  if (device_index < 0 || device_index >= count)
+    throw Error("device: expected cuda:0..cuda:" + std::to_string(count - 1) + ", got cuda:" + std::to_string(device_index));
+  return std::make_unique<CudaBackend>(spec, weights, precision, device_index);
+}
+
+}  // namespace dsv4

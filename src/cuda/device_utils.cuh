@@ -1,0 +1,49 @@
+// The one place for device-side helpers: error checks, typed loads and stores of the
+// storage dtypes, warp and block reductions. Vendor-specific intrinsics stay in this header so
+// that the kernels themselves can later build with hipcc.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include "core/numerics.hpp"
+#include "cuda/cuda_check.hpp"
+
+namespace dsv4::cuda {
+
+// Storage dtypes are float (f32) or std::uint16_t (bf16 bits).
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(std::uint16_t v) { return num::f32_from_bf16(v); }
+
+template <class T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ std::uint16_t from_float<std::uint16_t>(float v) { return num::bf16_from_f32(v); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
+__device__ __forceinline__ float block_sum(float v, float* scratch /* 32 floats */) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  v = warp_sum(v);
+  __syncthreads();  // scratch may still be read from an earlier call
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float total = 0.0f;
+  for (int w = 0; w < warps; ++w) total += scratch[w];  // same order in every thread
+  return total;
+}
+
+inline unsigned ceil_div(std::int64_t a, std::int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
+
+}  // namespace dsv4::cuda

@@ -1,0 +1,69 @@
+// Launchers of the CUDA backend's kernels and the views they take. Host code includes this;
+// each kernel lives in its own .cu file with its launcher beside it.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "dsv4/types.hpp"
+
+namespace dsv4::cuda {
+
+// A plan as kernels read it: per-request arrays and per-entry cache rows, in device memory.
+// Kernels derive every window from these, so a captured graph can be replayed after new
+// values are written into the same arrays.
+struct DevicePlan {
+  const std::int64_t* slot = nullptr;
+  const std::int64_t* start = nullptr;
+  const std::int64_t* num_tokens = nullptr;
+  const std::int64_t* token_offset = nullptr;  // [requests + 1]: rows of x / kv_score
+  const std::int64_t* entry_offset = nullptr;  // [requests + 1]: entries completed before
+  const std::int64_t* cache_location = nullptr;  // [entries]
+  int num_requests = 0;
+  int num_entries = 0;
+};
+
+// This call's kv_score rows: kv columns [0, coff*hd), score columns [coff*hd, 2*coff*hd).
+struct KvScoreView {
+  const void* data = nullptr;
+  DType dtype = DType::f32;
+  std::int64_t ld = 0;  // elements between consecutive rows
+};
+
+// The state pool: per slot a ring of ring_rows rows of `width` elements.
+struct StateView {
+  void* data = nullptr;
+  DType dtype = DType::f32;
+  std::size_t slot_bytes = 0;
+  std::int64_t ring_rows = 0;
+  std::int64_t width = 0;
+};
+
+struct CompressorConsts {
+  int ratio = 0;
+  int head_dim = 0;
+  int rope_dim = 0;
+  bool overlap = false;
+  bool rotate = false;
+  bool fp8 = false;           // fp8_ds entries, else bf16 entries
+  bool round_bf16 = false;    // round every kv/score value to bf16 before pooling
+  float eps = 0.0f;
+  std::int64_t entry_bytes = 0;
+  const float* ape = nullptr;       // [ratio, coff*head_dim]
+  const float* norm = nullptr;      // [head_dim]
+  const float* inv_freq = nullptr;  // [rope_dim / 2]
+};
+
+// Pools every completed window, then RMSNorm, RoPE, rotation, quantization and store: one
+// block per entry. `cache` and `entries` may each be null.
+void launch_compress_entries(const CompressorConsts& c, const DevicePlan& plan, KvScoreView kv,
+                             StateView state, std::uint8_t* cache, std::uint16_t* entries,
+                             cudaStream_t stream);
+
+// Copies into each request's ring the rows later calls still need. Runs after
+// launch_compress_entries, which may still read the rows this overwrites.
+void launch_update_state(const CompressorConsts& c, const DevicePlan& plan, KvScoreView kv,
+                         StateView state, cudaStream_t stream);
+
+}  // namespace dsv4::cuda

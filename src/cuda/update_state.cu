@@ -1,0 +1,48 @@
+// Copies into each request's state ring the kv_score rows later calls will still need: the
+// incomplete window and, with overlap, the last complete one. Block (request, k) copies the
+// k-th such row of this call, converting to the state dtype.
+#include "cuda/device_utils.cuh"
+#include "cuda/kernels.hpp"
+
+namespace dsv4::cuda {
+
+namespace {
+
+template <class ScoreT, class StateT>
+__global__ void update_state_kernel(CompressorConsts c, DevicePlan p, KvScoreView kv, StateView st) {
+  const int i = blockIdx.x;
+  const std::int64_t start = p.start[i], end = start + p.num_tokens[i];
+  const std::int64_t last_window_start = (end / c.ratio) * c.ratio;
+  const std::int64_t keep_from = c.overlap ? max(std::int64_t{0}, last_window_start - c.ratio) : last_window_start;
+  const std::int64_t q = max(start, keep_from) + blockIdx.y;
+  if (q >= end) return;
+  const ScoreT* src = static_cast<const ScoreT*>(kv.data) + (p.token_offset[i] + q - start) * kv.ld;
+  StateT* dst = reinterpret_cast<StateT*>(static_cast<char*>(st.data) + p.slot[i] * st.slot_bytes) +
+                (q % st.ring_rows) * st.width;
+  for (std::int64_t col = threadIdx.x; col < st.width; col += blockDim.x) {
+    const float v = to_float(src[col]);
+    dst[col] = from_float<StateT>(c.round_bf16 ? num::round_to_bf16(v) : v);
+  }
+}
+
+template <class ScoreT, class StateT>
+void launch(const CompressorConsts& c, const DevicePlan& p, KvScoreView kv, StateView st, cudaStream_t stream) {
+  // At most ring_rows rows per request need keeping (ratio 4: under 2 windows; 128: under 1).
+  const dim3 grid(static_cast<unsigned>(p.num_requests), static_cast<unsigned>(st.ring_rows));
+  update_state_kernel<ScoreT, StateT><<<grid, 256, 0, stream>>>(c, p, kv, st);
+}
+
+}  // namespace
+
+void launch_update_state(const CompressorConsts& c, const DevicePlan& p, KvScoreView kv, StateView st,
+                         cudaStream_t stream) {
+  if (p.num_requests == 0) return;
+  const bool score_f32 = kv.dtype == DType::f32, state_f32 = st.dtype == DType::f32;
+  if (score_f32 && state_f32) launch<float, float>(c, p, kv, st, stream);
+  else if (score_f32) launch<float, std::uint16_t>(c, p, kv, st, stream);
+  else if (state_f32) launch<std::uint16_t, float>(c, p, kv, st, stream);
+  else launch<std::uint16_t, std::uint16_t>(c, p, kv, st, stream);
+  DSV4_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace dsv4::cuda

@@ -1,0 +1,260 @@
+// The CUDA backend against the CPU backend and the fp64 reference, on the device: every kind,
+// every dtype combination, Flash and Pro sizes, random splits and batch mixes, graph capture
+// and replay. Without a GPU every test skips.
+#include <gtest/gtest.h>
+#include <cuda_runtime.h>
+#include <sys/wait.h>
+
+#include <cstdlib>
+#include <random>
+
+#include "core/numerics.hpp"
+#include "io/safetensors.hpp"
+#include "support/files.hpp"
+#include "support/reference.hpp"
+#include "support/serving.hpp"
+
+namespace dsv4 {
+namespace {
+
+#define REQUIRE_GPU()                             \
+  do {                                            \
+    if (!cuda_available()) GTEST_SKIP() << "no usable GPU"; \
+  } while (0)
+
+// DSV4_TEST_SMALL=1 shrinks the shapes (for compute-sanitizer, which runs kernels slowly).
+bool small() { return std::getenv("DSV4_TEST_SMALL") != nullptr; }
+
+struct Case {
+  Model model;
+  CompressorKind kind;
+  Precision precision;
+};
+
+void PrintTo(const Case& c, std::ostream* os) {
+  *os << model_name(c.model) << " " << kind_name(c.kind) << ", kv_score " << dtype_name(c.precision.kv_score)
+      << ", state " << dtype_name(c.precision.state);
+}
+
+std::string case_name(const ::testing::TestParamInfo<Case>& info) {
+  const char* kinds[] = {"CsaMain", "CsaIndexer", "Hca"};
+  return std::string(info.param.model == Model::flash ? "Flash_" : "Pro_") +
+         kinds[static_cast<int>(info.param.kind)] + "_Score" + std::string(dtype_name(info.param.precision.kv_score)) +
+         "_State" + std::string(dtype_name(info.param.precision.state));
+}
+
+std::vector<Case> cases(std::initializer_list<Model> models) {
+  std::vector<Case> out;
+  for (Model m : models)
+    for (CompressorKind k : {CompressorKind::csa_main, CompressorKind::csa_indexer, CompressorKind::hca})
+      for (DType s : {DType::f32, DType::bf16})
+        for (DType st : {DType::f32, DType::bf16}) out.push_back({m, k, {s, st}});
+  return out;
+}
+
+CompressorSpec spec_for(const Case& c) {
+  CompressorSpec spec = CompressorSpec::preset(c.model, c.kind);
+  if (small()) spec.hidden = 256;
+  return spec;
+}
+
+class CudaVsCpu : public ::testing::TestWithParam<Case> {};
+
+// Same inputs and the same random serving schedule on both backends: CUDA within SPEC section 4
+// of the fp64 reference and of the CPU backend, stored entries exactly the quantization of
+// CUDA's own bf16 entries, every output written.
+TEST_P(CudaVsCpu, WithinTolerance) {
+  REQUIRE_GPU();
+  const Case c = GetParam();
+  const CompressorSpec spec = spec_for(c);
+  std::mt19937_64 rng(std::random_device{}());
+  const RandomWeights w = random_weights(spec, rng());
+  const std::int64_t n = small() ? 3 : 6;
+  const auto seqs = spec.ratio == 4 ? test::random_sequences(n, 1, 160, spec.hidden, rng)
+                                    : test::random_sequences(n, 100, 700, spec.hidden, rng);
+  const auto schedule = test::random_schedule(seqs, rng);
+  const Compressor gpu(spec, w.view(spec), {.device = Device::cuda(0), .precision = c.precision});
+  const Compressor cpu(spec, w.view(spec), {.precision = c.precision});
+  auto gpu_buffers = test::device_buffers(Device::cuda(0));
+  auto cpu_buffers = test::host_buffers();
+  std::mt19937_64 rng_a(rng()), rng_b = rng_a;
+  const test::Served g = test::serve(gpu, seqs, schedule, *gpu_buffers, rng_a);
+  const test::Served h = test::serve(cpu, seqs, schedule, *cpu_buffers, rng_b);
+  ASSERT_EQ(g.problems, "");
+  ASSERT_EQ(h.problems, "");
+  std::vector<std::uint16_t> all_gpu;
+  std::vector<double> all_ref, all_cpu;
+  for (std::size_t i = 0; i < seqs.size(); ++i) {
+    const std::int64_t e = seqs[i].length / spec.ratio;
+    EXPECT_EQ(test::check_stored_entries(spec, g.entries[i], g.cache[i], e), "") << "sequence " << i;
+    all_gpu.insert(all_gpu.end(), g.entries[i].begin(), g.entries[i].end());
+    for (auto v : h.entries[i]) all_cpu.push_back(num::f32_from_bf16(v));
+    const auto ref = test::reference_entries(spec, w, seqs[i].x.data(), seqs[i].length);
+    all_ref.insert(all_ref.end(), ref.begin(), ref.end());
+  }
+  ASSERT_FALSE(all_ref.empty());
+  const double vs_ref = test::relative_l2(all_gpu, all_ref), vs_cpu = test::relative_l2(all_gpu, all_cpu);
+  std::printf("    %s: %zu entries, relative L2 vs fp64 %.3g, vs CPU %.3g (tolerance %.0e)\n", case_name({c, 0}).c_str(),
+              all_gpu.size() / static_cast<std::size_t>(spec.head_dim), vs_ref, vs_cpu, test::tolerance(c.precision));
+  EXPECT_LE(vs_ref, test::tolerance(c.precision));
+  EXPECT_LE(vs_cpu, test::tolerance(c.precision));
+}
+
+INSTANTIATE_TEST_SUITE_P(AllModelsKindsPrecisions, CudaVsCpu, ::testing::ValuesIn(cases({Model::flash, Model::pro})),
+                         case_name);
+
+class CudaSplitInvariant : public ::testing::TestWithParam<Case> {};
+
+// SPEC section 3 on the GPU: random splits and mixes give the same bits as whole sequences.
+TEST_P(CudaSplitInvariant, RandomSplitsAndMixesAreBitIdentical) {
+  REQUIRE_GPU();
+  const Case c = GetParam();
+  const CompressorSpec spec = spec_for(c);
+  std::mt19937_64 rng(std::random_device{}());
+  const RandomWeights w = random_weights(spec, rng());
+  const auto seqs = test::random_sequences(small() ? 4 : 12, 1, spec.ratio == 4 ? 200 : 900, spec.hidden, rng);
+  const Compressor gpu(spec, w.view(spec), {.device = Device::cuda(0), .precision = c.precision});
+  auto buffers = test::device_buffers(Device::cuda(0));
+  const test::Served whole = test::serve(gpu, seqs, test::whole_schedule(seqs), *buffers, rng);
+  ASSERT_EQ(whole.problems, "");
+  for (int trial = 0; trial < 3; ++trial) {
+    const test::Served split = test::serve(gpu, seqs, test::random_schedule(seqs, rng), *buffers, rng);
+    ASSERT_EQ(split.problems, "");
+    for (std::size_t i = 0; i < seqs.size(); ++i) {
+      ASSERT_EQ(split.entries[i], whole.entries[i]) << "sequence " << i << " (length " << seqs[i].length << "), trial " << trial;
+      ASSERT_EQ(split.cache[i], whole.cache[i]) << "sequence " << i << ", trial " << trial;
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(AllKindsPrecisions, CudaSplitInvariant, ::testing::ValuesIn(cases({Model::flash})), case_name);
+
+// A whole run captured in a CUDA graph, replayed with new x and a restored state: each replay
+// gives the same bits as an eager run on the same inputs, on a non-default stream.
+TEST(CudaGraph, CapturedRunReplaysWithNewInputs) {
+  REQUIRE_GPU();
+  for (CompressorKind kind : {CompressorKind::csa_main, CompressorKind::csa_indexer, CompressorKind::hca}) {
+    CompressorSpec spec = CompressorSpec::preset(Model::flash, kind);
+    if (small()) spec.hidden = 256;
+    std::mt19937_64 rng(std::random_device{}());
+    const RandomWeights w = random_weights(spec, rng());
+    const Compressor gpu(spec, w.view(spec), {.device = Device::cuda(0), .precision = {DType::bf16, DType::f32}});
+    const std::int64_t r = spec.ratio;
+    // History: 8 requests at varied positions; then a step of 1..4 tokens each (decode and
+    // multi-token decode), some completing windows.
+    StatePool graph_state(gpu, 8);
+    Batch prefix, step;
+    std::int64_t prefix_tokens = 0, step_tokens = 0;
+    for (int i = 0; i < 8; ++i) {
+      const std::int64_t len = r * (1 + i % 3) - 1 - i % 2, n = 1 + i % 4;
+      prefix.add(i, 0, len);
+      step.add(i, len, n);
+      prefix_tokens += len;
+      step_tokens += n;
+    }
+    for (const auto& q : prefix.requests) for (std::int64_t k = 0; k < windows_completed(q.start, q.num_tokens, r); ++k)
+      prefix.cache_locations.push_back(static_cast<std::int64_t>(prefix.cache_locations.size()));
+    for (const auto& q : step.requests) for (std::int64_t k = 0; k < windows_completed(q.start, q.num_tokens, r); ++k)
+      step.cache_locations.push_back(40 + static_cast<std::int64_t>(step.cache_locations.size()));
+    Buffer cache(Device::cuda(0), static_cast<std::size_t>(64 * spec.entry_bytes()));
+    const TensorView cache_view = cache.view(DType::u8, {64, spec.entry_bytes()});
+    const auto x0 = random_x(prefix_tokens, spec.hidden, rng);
+    Buffer xp(Device::cuda(0), x0.size() * 2);
+    xp.upload(x0.data(), x0.size() * 2);
+    gpu.forward(prefix, xp.view(DType::bf16, {prefix_tokens, spec.hidden}), graph_state, {.cache = cache_view});
+    const TensorView mem = graph_state.memory();
+    std::vector<std::uint8_t> saved(mem.nbytes());
+    ASSERT_EQ(cudaMemcpy(saved.data(), mem.data, saved.size(), cudaMemcpyDeviceToHost), cudaSuccess);
+
+    const Plan plan = gpu.plan(step, graph_state);
+    const std::int64_t entries = plan.num_entries();
+    ASSERT_GT(entries, 0);
+    Buffer x(Device::cuda(0), static_cast<std::size_t>(step_tokens * spec.hidden * 2));
+    Buffer out(Device::cuda(0), static_cast<std::size_t>(entries * spec.head_dim * 2));
+    cudaStream_t stream;
+    ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal), cudaSuccess);
+    gpu.run(plan, x.view(DType::bf16, {step_tokens, spec.hidden}), graph_state,
+            {.cache = cache_view, .entries = out.view(DType::bf16, {entries, spec.head_dim})}, stream);
+    ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+    ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+
+    for (int trial = 0; trial < 3; ++trial) {
+      const auto xs = random_x(step_tokens, spec.hidden, rng);
+      x.upload(xs.data(), xs.size() * 2);
+      out.fill(0xff);
+      ASSERT_EQ(cudaMemcpy(mem.data, saved.data(), saved.size(), cudaMemcpyHostToDevice), cudaSuccess);
+      ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+      ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+      std::vector<std::uint16_t> replayed(static_cast<std::size_t>(entries * spec.head_dim));
+      out.download(replayed.data(), replayed.size() * 2);
+      std::vector<std::uint8_t> replay_state(saved.size());
+      ASSERT_EQ(cudaMemcpy(replay_state.data(), mem.data, saved.size(), cudaMemcpyDeviceToHost), cudaSuccess);
+
+      // The eager reference: the same history and step in a fresh pool, outside any graph.
+      StatePool eager_state(gpu, 8);
+      gpu.forward(prefix, xp.view(DType::bf16, {prefix_tokens, spec.hidden}), eager_state, {.cache = cache_view});
+      Buffer eout(Device::cuda(0), out.size());
+      eout.fill(0xff);
+      gpu.forward(step, x.view(DType::bf16, {step_tokens, spec.hidden}), eager_state,
+                  {.cache = cache_view, .entries = eout.view(DType::bf16, {entries, spec.head_dim})});
+      const TensorView emem = eager_state.memory();
+      std::vector<std::uint16_t> eager(replayed.size());
+      eout.download(eager.data(), eager.size() * 2);
+      std::vector<std::uint8_t> eager_mem(saved.size());
+      ASSERT_EQ(cudaMemcpy(eager_mem.data(), emem.data, saved.size(), cudaMemcpyDeviceToHost), cudaSuccess);
+      for (std::uint16_t v : replayed) ASSERT_TRUE(std::isfinite(num::f32_from_bf16(v))) << "unwritten entry";
+      EXPECT_EQ(replayed, eager) << kind_name(kind) << " trial " << trial;
+      EXPECT_EQ(replay_state, eager_mem) << kind_name(kind) << " trial " << trial;
+      EXPECT_NE(replay_state, saved) << "the replay did not update the state";
+    }
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+    cudaStreamDestroy(stream);
+  }
+}
+
+// `run --device cuda` honours the same contract as on the CPU and gives the same numbers
+// within SPEC section 4.
+TEST(CudaCli, RunMatchesCpu) {
+  REQUIRE_GPU();
+  test::TempDir dir;
+  CompressorSpec spec = CompressorSpec::preset(Model::flash, CompressorKind::csa_main);
+  spec.hidden = 256;
+  std::mt19937_64 rng(std::random_device{}());
+  const RandomWeights w = random_weights(spec, rng());
+  const std::string p = "layers.2.attn.compressor";
+  io::write_safetensors(dir.file("w.safetensors"),
+                        {{p + ".wkv.weight", DType::bf16, {1024, spec.hidden}, w.wkv.data()},
+                         {p + ".wgate.weight", DType::bf16, {1024, spec.hidden}, w.wgate.data()},
+                         {p + ".ape", DType::f32, {4, 1024}, w.ape.data()},
+                         {p + ".norm.weight", DType::f32, {512}, w.norm.data()}});
+  const auto seqs = test::random_sequences(3, 1, 300, spec.hidden, rng);
+  std::vector<io::TensorToWrite> xs;
+  for (std::size_t i = 0; i < seqs.size(); ++i)
+    xs.push_back({"x." + std::to_string(i), DType::bf16, {seqs[i].length, spec.hidden}, seqs[i].x.data()});
+  io::write_safetensors(dir.file("x.safetensors"), xs);
+  const std::string base = std::string(DSV4_CLI) + " run --weights " + dir.file("w.safetensors") + " --prefix " + p +
+                           " --input " + dir.file("x.safetensors") + " --chunks 7,1 --output ";
+  ASSERT_EQ(std::system((base + dir.file("cpu.safetensors")).c_str()), 0);
+  ASSERT_EQ(std::system((base + dir.file("gpu.safetensors") + " --device cuda").c_str()), 0);
+  const auto a = io::SafetensorsFile::open(dir.file("cpu.safetensors"));
+  const auto b = io::SafetensorsFile::open(dir.file("gpu.safetensors"));
+  for (std::size_t i = 0; i < seqs.size(); ++i) {
+    const auto ka = a.copy<std::uint16_t>(a.get("kv." + std::to_string(i)));
+    const auto kb = b.copy<std::uint16_t>(b.get("kv." + std::to_string(i)));
+    std::vector<double> ref;
+    for (auto v : ka) ref.push_back(num::f32_from_bf16(v));
+    EXPECT_EQ(b.get("kv." + std::to_string(i)).shape, a.get("kv." + std::to_string(i)).shape);
+    if (!ref.empty()) {
+      EXPECT_LE(test::relative_l2(kb, ref), 2e-3);
+    }
+    const auto& cache = b.get("cache." + std::to_string(i));
+    EXPECT_EQ(test::check_stored_entries(spec, kb, b.copy<std::uint8_t>(cache), cache.shape[0]), "");
+  }
+}
+
+}  // namespace
+}  // namespace dsv4
