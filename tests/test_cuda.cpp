@@ -11,6 +11,7 @@
 #include "core/numerics.hpp"
 #include "io/safetensors.hpp"
 #include "support/files.hpp"
+#include "support/group.hpp"
 #include "support/reference.hpp"
 #include "support/serving.hpp"
 
@@ -213,6 +214,43 @@ TEST(CudaGraph, CapturedRunReplaysWithNewInputs) {
     cudaGraphExecDestroy(exec);
     cudaGraphDestroy(graph);
     cudaStreamDestroy(stream);
+  }
+}
+
+// A CSA layer's main and indexer compressors through one shared projection on the GPU: within
+// tolerance of each compressor alone, and bit-identical across splits.
+TEST(CudaGroup, SharedProjectionMatchesSoloAndSplits) {
+  REQUIRE_GPU();
+  for (DType score : {DType::f32, DType::bf16}) {
+    auto main_spec = CompressorSpec::preset(Model::flash, CompressorKind::csa_main);
+    auto idx_spec = CompressorSpec::preset(Model::flash, CompressorKind::csa_indexer);
+    if (small()) main_spec.hidden = idx_spec.hidden = 256;
+    std::mt19937_64 rng(std::random_device{}());
+    const auto wm = random_weights(main_spec, rng()), wi = random_weights(idx_spec, rng());
+    const Options opts{.device = Device::cuda(0), .precision = {score, DType::f32}};
+    const Compressor main(main_spec, wm.view(main_spec), opts), indexer(idx_spec, wi.view(idx_spec), opts);
+    const CompressorGroup group({&main, &indexer});
+    const auto seqs = test::random_sequences(small() ? 3 : 8, 1, 150, main_spec.hidden, rng);
+    auto buffers = test::device_buffers(Device::cuda(0));
+    const auto whole = test::serve_group(group, seqs, test::whole_schedule(seqs), *buffers);
+    const auto split = test::serve_group(group, seqs, test::random_schedule(seqs, rng), *buffers);
+    const auto alone_main = test::serve(main, seqs, test::whole_schedule(seqs), *buffers, rng);
+    const auto alone_idx = test::serve(indexer, seqs, test::whole_schedule(seqs), *buffers, rng);
+    std::vector<std::uint16_t> g_main, g_idx;
+    std::vector<double> s_main, s_idx;
+    for (std::size_t i = 0; i < seqs.size(); ++i) {
+      EXPECT_EQ(split[0][i], whole[0][i]) << "main, sequence " << i;
+      EXPECT_EQ(split[1][i], whole[1][i]) << "indexer, sequence " << i;
+      g_main.insert(g_main.end(), whole[0][i].begin(), whole[0][i].end());
+      g_idx.insert(g_idx.end(), whole[1][i].begin(), whole[1][i].end());
+      for (auto v : alone_main.entries[i]) s_main.push_back(num::f32_from_bf16(v));
+      for (auto v : alone_idx.entries[i]) s_idx.push_back(num::f32_from_bf16(v));
+    }
+    const double tol = test::tolerance(opts.precision);
+    EXPECT_LE(test::relative_l2(g_main, s_main), tol);
+    EXPECT_LE(test::relative_l2(g_idx, s_idx), tol);
+    std::printf("    group kv_score %s: vs solo main %.3g, indexer %.3g\n", std::string(dtype_name(score)).c_str(),
+                test::relative_l2(g_main, s_main), test::relative_l2(g_idx, s_idx));
   }
 }
 

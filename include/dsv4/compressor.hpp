@@ -139,6 +139,8 @@ struct RunOutputs {
 };
 
 class Backend;
+class GroupProjection;
+class CompressorGroup;
 
 class Compressor {
  public:
@@ -169,9 +171,56 @@ class Compressor {
   Backend& backend() const { return *backend_; }
 
  private:
+  friend class CompressorGroup;
+  Plan make_plan(const Batch& batch, const StatePool& state, bool own_rows) const;
+  // Every check of run(); throws, touches nothing.
+  void check_run(const Plan& plan, const TensorView& x, const StatePool& state, const RunOutputs& outputs) const;
+  void advance(const Plan& plan, StatePool& state) const;
+
   CompressorSpec spec_;
   Options options_;
   std::unique_ptr<Backend> backend_;
+};
+
+// A validated batch for every member of a CompressorGroup, and the rows their shared
+// projection writes.
+class GroupPlan {
+ public:
+  const std::vector<Plan>& plans() const { return plans_; }
+  std::int64_t num_tokens() const { return plans_.empty() ? 0 : plans_[0].num_tokens(); }
+
+ private:
+  friend class CompressorGroup;
+  const void* owner_ = nullptr;
+  std::vector<Plan> plans_;
+  std::shared_ptr<void> rows_;
+};
+
+// Compressors that read the same x, such as a CSA layer's main and indexer compressors: one
+// projection GEMM over their concatenated weights serves all of them, then each compresses
+// its own columns into its own state and cache.
+class CompressorGroup {
+ public:
+  // Members share hidden, device and kv_score dtype, and must outlive the group.
+  explicit CompressorGroup(std::vector<const Compressor*> members);
+  ~CompressorGroup();
+  CompressorGroup(CompressorGroup&&) noexcept;
+  CompressorGroup& operator=(CompressorGroup&&) noexcept;
+
+  std::size_t size() const { return members_.size(); }
+  const Compressor& member(std::size_t i) const { return *members_.at(i); }
+
+  // One batch and state pool per member. The batches hold the same requests (starts and token
+  // counts, in the same order); slots and cache locations are each member's own.
+  GroupPlan plan(const std::vector<Batch>& batches, const std::vector<const StatePool*>& states) const;
+  // x is bf16 [plan.num_tokens(), hidden]. Every member's call is checked before any runs.
+  void run(const GroupPlan& plan, const TensorView& x, const std::vector<StatePool*>& states,
+           const std::vector<RunOutputs>& outputs, void* stream = nullptr) const;
+
+ private:
+  std::vector<const Compressor*> members_;
+  std::vector<std::int64_t> column_offsets_;
+  std::unique_ptr<GroupProjection> projection_;
 };
 
 // True when this build has the CUDA backend and a usable GPU is present.

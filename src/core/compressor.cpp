@@ -197,12 +197,17 @@ Compressor::Compressor(Compressor&&) noexcept = default;
 Compressor& Compressor::operator=(Compressor&&) noexcept = default;
 
 Plan Compressor::plan(const Batch& batch, const StatePool& state) const {
+  return make_plan(batch, state, /*own_rows=*/true);
+}
+
+Plan Compressor::make_plan(const Batch& batch, const StatePool& state, bool own_rows) const {
   const detail::StateData& st = state.data();
   if (!(st.spec == spec_) || !(st.precision == options_.precision) || !(st.device == options_.device))
     reject("state: expected a pool made for this compressor (same spec, precision and device)");
 
   auto p = std::make_shared<detail::PlanData>();
   p->owner = backend_.get();
+  p->own_rows = own_rows;
   p->spec = spec_;
   p->requests = batch.requests;
   p->token_offsets.reserve(batch.requests.size() + 1);
@@ -252,7 +257,7 @@ Plan Compressor::plan(const Batch& batch, const StatePool& state) const {
     p->max_cache_location = std::max(p->max_cache_location, row);
   }
   p->cache_locations = batch.cache_locations;
-  backend_->prepare(*p);
+  backend_->prepare(*p, own_rows);
 
   Plan plan;
   plan.data_ = std::move(p);
@@ -261,9 +266,22 @@ Plan Compressor::plan(const Batch& batch, const StatePool& state) const {
 
 void Compressor::run(const Plan& plan, const TensorView& x, StatePool& state,
                      const RunOutputs& outputs, void* stream) const {
+  check_run(plan, x, state, outputs);
+  if (!plan.data_->own_rows) reject("plan: made by a CompressorGroup; run it through the group");
+  backend_->run(*plan.data_, x, state.data(), outputs, stream);
+  advance(plan, state);
+}
+
+void Compressor::advance(const Plan& plan, StatePool& state) const {
+  for (const Request& r : plan.data_->requests)
+    state.data().next_position[static_cast<std::size_t>(r.slot)] = r.start + r.num_tokens;
+}
+
+void Compressor::check_run(const Plan& plan, const TensorView& x, const StatePool& state,
+                           const RunOutputs& outputs) const {
   if (!plan.data_) reject("plan: expected a plan made by Compressor::plan, got an empty one");
   const detail::PlanData& p = *plan.data_;
-  detail::StateData& st = state.data();
+  const detail::StateData& st = state.data();
   if (p.owner != backend_.get()) reject("plan: expected a plan made by this compressor, got another's");
   if (!(st.spec == spec_) || !(st.precision == options_.precision) || !(st.device == options_.device))
     reject("state: expected a pool made for this compressor (same spec, precision and device)");
@@ -291,10 +309,6 @@ void Compressor::run(const Plan& plan, const TensorView& x, StatePool& state,
   if (outputs.entries)
     expect_tensor(*outputs.entries, "outputs.entries", {DType::bf16},
                   {p.num_entries(), spec_.head_dim}, dev);
-
-  backend_->run(p, x, st, outputs, stream);
-  for (const Request& r : p.requests)
-    st.next_position[static_cast<std::size_t>(r.slot)] = r.start + r.num_tokens;
 }
 
 void Compressor::forward(const Batch& batch, const TensorView& x, StatePool& state,

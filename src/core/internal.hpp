@@ -20,6 +20,7 @@ namespace detail {
 
 struct PlanData {
   const void* owner = nullptr;  // the backend of the compressor that made the plan
+  bool own_rows = true;         // false: a CompressorGroup projects for it
   CompressorSpec spec;
   std::vector<Request> requests;
   std::vector<std::int64_t> cache_locations;
@@ -56,16 +57,44 @@ inline std::int64_t state_ring_rows(const CompressorSpec& spec) {
 
 }  // namespace detail
 
+// kv_score rows of one call as a compress step reads them: row t of the plan at data + t * ld,
+// kv columns first, then score columns.
+struct KvScoreRows {
+  const void* data = nullptr;
+  DType dtype = DType::f32;
+  std::int64_t ld = 0;  // elements between rows
+};
+
+// One projection GEMM for several compressors that read the same x (CompressorGroup).
+class GroupProjection {
+ public:
+  virtual ~GroupProjection() = default;
+  virtual std::int64_t width() const = 0;  // sum of the members' projection widths
+  virtual DType dtype() const = 0;         // storage dtype of the rows it writes
+  virtual std::shared_ptr<void> allocate_rows(std::int64_t tokens) const = 0;
+  virtual void run(const TensorView& x, void* rows, void* stream) const = 0;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
   // Zeroed memory on the backend's device, freed when the last owner lets go.
   virtual std::shared_ptr<void> allocate_zeroed(std::size_t bytes) const = 0;
-  // Backend-specific per-plan data (for example, the plan's arrays on the device).
-  virtual void prepare(detail::PlanData& plan) const { (void)plan; }
-  // Runs a validated plan. Everything has been checked; this may not throw for bad input.
+  // Backend-specific per-plan data (the plan's arrays on the device; with `own_rows`, the
+  // workspace its projection writes).
+  virtual void prepare(detail::PlanData& plan, bool own_rows) const {
+    (void)plan;
+    (void)own_rows;
+  }
+  // Runs a validated plan: projection, then compress(). May not throw for bad input: every
+  // check has been made.
   virtual void run(const detail::PlanData& plan, const TensorView& x, detail::StateData& state,
                    const RunOutputs& outputs, void* stream) const = 0;
+  // Pooling, epilogue, store and state update from kv_score rows projected elsewhere.
+  virtual void compress(const detail::PlanData& plan, const KvScoreRows& rows, detail::StateData& state,
+                        const RunOutputs& outputs, void* stream) const = 0;
+  // A projection over the concatenated weights of `members` (all of this backend's type).
+  virtual std::unique_ptr<GroupProjection> make_group_projection(const std::vector<const Backend*>& members) const = 0;
 };
 
 // Device memory primitives behind dsv4::Buffer (src/cuda, or errors without CUDA).

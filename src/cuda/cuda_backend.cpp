@@ -70,7 +70,7 @@ class CudaBackend final : public Backend {
     return p;
   }
 
-  void prepare(detail::PlanData& plan) const override {
+  void prepare(detail::PlanData& plan, bool own_rows) const override {
     cuda::DeviceGuard guard(device_);
     const std::size_t b = plan.requests.size(), e = static_cast<std::size_t>(plan.num_entries());
     // One array: slot, start, num_tokens [b]; token_offset, entry_offset [b + 1]; locations [e].
@@ -94,25 +94,39 @@ class CudaBackend final : public Backend {
     cp->view.cache_location = base + 5 * b + 2;
     cp->view.num_requests = static_cast<int>(b);
     cp->view.num_entries = static_cast<int>(e);
-    cp->kv_score = device_alloc(device_, static_cast<std::size_t>(plan.num_tokens() * spec_.projection_width()) *
-                                             dtype_size(precision_.kv_score));
+    if (own_rows)
+      cp->kv_score = device_alloc(device_, static_cast<std::size_t>(plan.num_tokens() * spec_.projection_width()) *
+                                               dtype_size(precision_.kv_score));
     plan.backend_data = cp;
   }
 
   void run(const detail::PlanData& plan, const TensorView& x, detail::StateData& state, const RunOutputs& outputs,
-           void* stream_ptr) const override {
+           void* stream) const override {
+    cuda::DeviceGuard guard(device_);
+    const auto& cp = *static_cast<const CudaPlan*>(plan.backend_data.get());
+    const std::int64_t width = spec_.projection_width();
+    projection_.run(x.data, plan.num_tokens(), wkv_gate_.get(), cp.kv_score.get(), width,
+                    static_cast<cudaStream_t>(stream));
+    compress(plan, {cp.kv_score.get(), precision_.kv_score, width}, state, outputs, stream);
+  }
+
+  void compress(const detail::PlanData& plan, const KvScoreRows& rows, detail::StateData& state,
+                const RunOutputs& outputs, void* stream_ptr) const override {
     cuda::DeviceGuard guard(device_);
     const auto stream = static_cast<cudaStream_t>(stream_ptr);
     const auto& cp = *static_cast<const CudaPlan*>(plan.backend_data.get());
-    const std::int64_t width = spec_.projection_width();
-    projection_.run(x.data, plan.num_tokens(), wkv_gate_.get(), cp.kv_score.get(), width, stream);
-    const cuda::KvScoreView kv{cp.kv_score.get(), precision_.kv_score, width};
+    const cuda::KvScoreView kv{rows.data, rows.dtype, rows.ld};
     const cuda::StateView st{state.memory, precision_.state, state.slot_bytes, state.ring_rows, state.row_elems};
     cuda::launch_compress_entries(consts_, cp.view, kv, st,
                                   outputs.cache ? outputs.cache->as<std::uint8_t>() : nullptr,
                                   outputs.entries ? outputs.entries->as<std::uint16_t>() : nullptr, stream);
     cuda::launch_update_state(consts_, cp.view, kv, st, stream);
   }
+
+  std::unique_ptr<GroupProjection> make_group_projection(const std::vector<const Backend*>& members) const override;
+
+  const CompressorSpec& spec() const { return spec_; }
+  const void* weights() const { return wkv_gate_.get(); }
 
  private:
   CompressorSpec spec_;
@@ -122,6 +136,43 @@ class CudaBackend final : public Backend {
   std::shared_ptr<void> wkv_gate_, ape_, norm_, inv_freq_;
   cuda::CompressorConsts consts_;
 };
+
+// x @ [w_1; w_2; ...]^T in one cuBLASLt call over the members' concatenated weights.
+class CudaGroupProjection final : public GroupProjection {
+ public:
+  CudaGroupProjection(int device, std::shared_ptr<void> w, std::int64_t width, std::int64_t hidden, DType dtype)
+      : device_(device), w_(std::move(w)), width_(width), dtype_(dtype), projection_(device, width, hidden, dtype) {}
+  std::int64_t width() const override { return width_; }
+  DType dtype() const override { return dtype_; }
+  std::shared_ptr<void> allocate_rows(std::int64_t tokens) const override {
+    return device_alloc(device_, static_cast<std::size_t>(tokens * width_) * dtype_size(dtype_));
+  }
+  void run(const TensorView& x, void* rows, void* stream) const override {
+    cuda::DeviceGuard guard(device_);
+    projection_.run(x.data, x.shape[0], w_.get(), rows, width_, static_cast<cudaStream_t>(stream));
+  }
+
+ private:
+  int device_;
+  std::shared_ptr<void> w_;
+  std::int64_t width_;
+  DType dtype_;
+  cuda::Projection projection_;
+};
+
+std::unique_ptr<GroupProjection> CudaBackend::make_group_projection(const std::vector<const Backend*>& members) const {
+  std::int64_t width = 0;
+  for (const Backend* m : members) width += static_cast<const CudaBackend&>(*m).spec().projection_width();
+  auto w = device_alloc(device_, static_cast<std::size_t>(width * spec_.hidden) * 2);
+  std::int64_t row = 0;
+  for (const Backend* m : members) {
+    const auto& c = static_cast<const CudaBackend&>(*m);
+    const std::size_t bytes = static_cast<std::size_t>(c.spec().projection_width() * spec_.hidden) * 2;
+    cuda_copy(device_, static_cast<char*>(w.get()) + row * spec_.hidden * 2, c.weights(), bytes);
+    row += c.spec().projection_width();
+  }
+  return std::make_unique<CudaGroupProjection>(device_, std::move(w), width, spec_.hidden, precision_.kv_score);
+}
 
 }  // namespace
 
