@@ -1,6 +1,7 @@
 // dsv4-compressor: run, demo and inspect the DeepSeek-V4 KV compressor.
 #include <exception>
 #include <iostream>
+#include <string>
 
 #include "commands.hpp"
 #include "dsv4/types.hpp"
@@ -12,6 +13,9 @@ int main(int argc, char** argv) {
   dsv4::app::add_run_command(app);
   dsv4::app::add_demo_command(app);
   dsv4::app::add_info_command(app);
+  std::string command_line = "dsv4-compressor";
+  for (int i = 1; i < argc; ++i) command_line += std::string(" ") + argv[i];
+  dsv4::app::add_bench_command(app, command_line);
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # On a machine with an NVIDIA GPU: build for sm_90a, run the CPU and GPU test suites, the
 # GPU suites under compute-sanitizer (memcheck, racecheck) on reduced shapes, and the demo.
-# Logs go to $OUT (or out/). Stages: build test sanitize demo (default: all).
+# Logs go to $OUT (or out/). Stages: build test sanitize bench demo (default: all).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
 mkdir -p "$OUT"
-stages=${*:-build test sanitize demo}
+stages=${*:-build test sanitize bench demo}
 BUILD_DIR=${BUILD_DIR:-build-device}
 status=0
 log() { echo "== $*" | tee -a "$OUT/summary.txt"; }
@@ -37,6 +37,12 @@ for stage in $stages; do
         log "compute-sanitizer $tool rc=$rc: $(grep -E 'ERROR SUMMARY|^\[  (PASSED|FAILED) ' "$OUT/sanitizer_$tool.log" | tr '\n' ' ')"
         [ $rc -eq 0 ] || status=1
       done
+      ;;
+    bench)
+      "$BUILD_DIR"/dsv4-compressor bench --json "$OUT/bench.json" --svg "$OUT/bench.svg" >"$OUT/bench.log" 2>&1; rc=$?
+      cat "$OUT/bench.log"
+      log "bench rc=$rc"
+      [ $rc -eq 0 ] || status=1
       ;;
     demo)
       "$BUILD_DIR"/dsv4-compressor demo --device cuda >"$OUT/demo.log" 2>&1; rc=$?

@@ -93,6 +93,9 @@ class Backend {
   // Pooling, epilogue, store and state update from kv_score rows projected elsewhere.
   virtual void compress(const detail::PlanData& plan, const KvScoreRows& rows, detail::StateData& state,
                         const RunOutputs& outputs, void* stream) const = 0;
+  // The projection weights as the backend holds them (CPU: fp32 host [width, hidden]; CUDA:
+  // bf16 device [width, hidden]), for benchmarks that drive other GEMMs over the same bytes.
+  virtual const void* projection_weights() const = 0;
   // A projection over the concatenated weights of `members` (all of this backend's type).
   virtual std::unique_ptr<GroupProjection> make_group_projection(const std::vector<const Backend*>& members) const = 0;
 };

@@ -90,6 +90,7 @@ class CpuBackend final : public Backend {
 
   const CompressorSpec& spec() const { return spec_; }
   const std::vector<float>& weights_f32() const { return w_; }
+  const void* projection_weights() const override { return w_.data(); }
   DType kv_score_dtype() const { return precision_.kv_score; }
 
  private:

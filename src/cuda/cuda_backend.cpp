@@ -127,6 +127,7 @@ class CudaBackend final : public Backend {
 
   const CompressorSpec& spec() const { return spec_; }
   const void* weights() const { return wkv_gate_.get(); }
+  const void* projection_weights() const override { return wkv_gate_.get(); }
 
  private:
   CompressorSpec spec_;

@@ -1,0 +1,83 @@
+// `dsv4-compressor bench`: the whole compressor step (projection to stored entry) timed per
+// kind and batch shape, beside the library paths an engine would otherwise use, against the
+// floor of the hardware measured in the same run.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "dsv4/compressor.hpp"
+
+namespace dsv4::bench {
+
+// The paths compared. (a) is the path the project removes: a bf16 GEMM, a separate
+// bf16->fp32 cast kernel, compress reading fp32. (b) compress reads the bf16 GEMM output.
+// (c) the GEMM writes fp32. (d) the project's best path.
+enum class Variant { cast, bf16_direct, f32_gemm, best };
+constexpr int kVariants = 4;
+const char* variant_key(Variant v);
+const char* variant_label(Variant v);
+
+// What one step runs: a single compressor, or a CSA layer's main and indexer together.
+enum class Kind { csa_main, csa_indexer, csa_layer, hca };
+const char* kind_label(Kind k);
+std::vector<CompressorKind> members(Kind k);
+
+struct Scenario {
+  std::string name;   // e.g. "decode", "decode-partial", "mtp4", "prefill", "mixed"
+  int batch = 0;      // requests in the step (prefill: 1)
+  std::int64_t length = 0;  // prefill tokens
+};
+
+// The step's requests for a compressor of `ratio`: (start, tokens). Decode steps start where
+// every request completes a window ("decode") or none does ("decode-partial").
+std::vector<Request> step_requests(const Scenario& s, std::int64_t ratio);
+
+struct Row {
+  std::string model;
+  Kind kind = Kind::csa_main;
+  Scenario scenario;
+  std::int64_t tokens = 0, entries = 0;
+  double bytes = 0, flops = 0, floor_us = 0;
+  std::array<double, kVariants> us{};  // median per step; NaN where not measured
+};
+
+struct Ceilings {
+  double copy_gbps = 0;      // device-to-device copy, bytes read + written per second / 1e9
+  double matmul_tflops = 0;  // large bf16 GEMM
+};
+
+struct Report {
+  std::string device, commit, date, command;
+  bool gpu = false;
+  Ceilings ceilings;
+  std::vector<Row> rows;
+};
+
+// Minimal bytes and flops of one step: weights, x, state (ratio 4: the rows read and kept;
+// ratio 128: running accumulators, 3 * head_dim floats read and written per request) and the
+// stored entries.
+void count_work(const Row& row, const CompressorSpec& spec, DType state_dtype, double* bytes, double* flops,
+                std::int64_t* tokens, std::int64_t* entries);
+
+struct Options {
+  bool quick = false;
+  std::string json, svg, device = "auto";
+  std::string command;  // as typed, for the record
+};
+
+// Runs the benchmark; returns the report after printing the table.
+Report run(const Options& options);
+Report run_gpu(const Options& options, const std::vector<std::string>& models,
+               const std::vector<Scenario>& scenarios);
+Report run_cpu(const Options& options, const std::vector<Scenario>& scenarios);
+
+void print_table(const Report& r);
+void print_model_level(const Report& r);
+void write_json(const Report& r, const std::string& path);
+void write_svg(const Report& r, const std::string& path);
+void progress(int done, int total, const std::string& what);
+
+}  // namespace dsv4::bench

@@ -1,0 +1,329 @@
+// The GPU benchmark: every variant of a compressor step captured in a CUDA graph (one step per
+// weight copy, copies rotated through more memory than L2 holds), replayed and timed with
+// CUDA events; medians of repeated runs.
+#include <cublasLt.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <map>
+#include <memory>
+
+#include "bench/bench.hpp"
+#include "core/internal.hpp"
+#include "core/random_inputs.hpp"
+#include "cuda/cuda_check.hpp"
+
+namespace dsv4::bench {
+
+namespace {
+
+void lt(cublasStatus_t s, const char* what) {
+  if (s != CUBLAS_STATUS_SUCCESS) throw DeviceError(std::string("cuBLASLt ") + what + ": status " + std::to_string(int(s)));
+}
+
+// What an engine calls without this project: cuBLASLt's best algorithm for the exact shape,
+// with a workspace. out[T, width] = x[T, hidden] @ w[width, hidden]^T.
+class LibraryGemm {
+ public:
+  LibraryGemm(cublasLtHandle_t h, std::int64_t width, std::int64_t hidden, std::int64_t tokens, DType out, void* ws,
+              std::size_t ws_bytes)
+      : h_(h), ws_(ws), ws_bytes_(ws_bytes) {
+    lt(cublasLtMatmulDescCreate(&desc_, CUBLAS_COMPUTE_32F, CUDA_R_32F), "desc");
+    const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+    lt(cublasLtMatmulDescSetAttribute(desc_, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta), "transa");
+    lt(cublasLtMatmulDescSetAttribute(desc_, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb), "transb");
+    lt(cublasLtMatrixLayoutCreate(&a_, CUDA_R_16BF, hidden, width, hidden), "A");
+    lt(cublasLtMatrixLayoutCreate(&b_, CUDA_R_16BF, hidden, tokens, hidden), "B");
+    lt(cublasLtMatrixLayoutCreate(&d_, out == DType::f32 ? CUDA_R_32F : CUDA_R_16BF, width, tokens, width), "D");
+    cublasLtMatmulPreference_t pref;
+    lt(cublasLtMatmulPreferenceCreate(&pref), "pref");
+    lt(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes, sizeof ws_bytes), "ws");
+    cublasLtMatmulHeuristicResult_t res{};
+    int found = 0;
+    lt(cublasLtMatmulAlgoGetHeuristic(h_, desc_, a_, b_, d_, d_, pref, 1, &res, &found), "heuristic");
+    cublasLtMatmulPreferenceDestroy(pref);
+    if (found == 0) throw DeviceError("cuBLASLt found no algorithm");
+    algo_ = res.algo;
+  }
+  ~LibraryGemm() {
+    cublasLtMatrixLayoutDestroy(a_);
+    cublasLtMatrixLayoutDestroy(b_);
+    cublasLtMatrixLayoutDestroy(d_);
+    cublasLtMatmulDescDestroy(desc_);
+  }
+  void run(const void* x, const void* w, void* out, cudaStream_t stream) const {
+    const float one = 1.0f, zero = 0.0f;
+    lt(cublasLtMatmul(h_, desc_, &one, w, a_, x, b_, &zero, out, d_, out, d_, &algo_, ws_, ws_bytes_, stream), "matmul");
+  }
+
+ private:
+  cublasLtHandle_t h_;
+  void* ws_;
+  std::size_t ws_bytes_;
+  cublasLtMatmulDesc_t desc_ = nullptr;
+  cublasLtMatrixLayout_t a_ = nullptr, b_ = nullptr, d_ = nullptr;
+  cublasLtMatmulAlgo_t algo_{};
+};
+
+// The kernel variant (a) pays for and the project exists to remove.
+__global__ void cast_bf16_to_f32(const std::uint16_t* in, float* out, std::int64_t n) {
+  for (std::int64_t i = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; i < n; i += std::int64_t{gridDim.x} * blockDim.x)
+    out[i] = __uint_as_float(static_cast<std::uint32_t>(in[i]) << 16);
+}
+
+void cast(const void* in, void* out, std::int64_t n, cudaStream_t s) {
+  cast_bf16_to_f32<<<static_cast<unsigned>(std::min<std::int64_t>((n + 255) / 256, 132 * 16)), 256, 0, s>>>(
+      static_cast<const std::uint16_t*>(in), static_cast<float*>(out), n);
+}
+
+// Random (never zero) bf16 values in [-1, 1) from a hash of the index.
+__global__ void fill_random_bf16(std::uint16_t* p, std::int64_t n, std::uint32_t seed) {
+  for (std::int64_t i = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; i < n; i += std::int64_t{gridDim.x} * blockDim.x) {
+    std::uint32_t h = static_cast<std::uint32_t>(i) * 2654435761u ^ seed;
+    h ^= h >> 15;
+    h *= 2246822519u;
+    h ^= h >> 13;
+    const float v = (static_cast<float>(h & 0xffffff) / 16777216.0f) * 2.0f - 1.0f;
+    p[i] = static_cast<std::uint16_t>(__float_as_uint(v) >> 16);
+  }
+}
+
+void random_fill(void* p, std::int64_t n, std::uint32_t seed) {
+  fill_random_bf16<<<1024, 256>>>(static_cast<std::uint16_t*>(p), n, seed);
+  DSV4_CUDA_CHECK(cudaGetLastError());
+}
+
+// Median microseconds per step: steps k = 0..copies-1 captured in one graph, replayed.
+double time_steps(cudaStream_t stream, int copies, int reps, const std::function<void(int)>& step) {
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  DSV4_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  for (int k = 0; k < copies; ++k) step(k);
+  DSV4_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+  DSV4_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  cudaEvent_t a, b;
+  DSV4_CUDA_CHECK(cudaEventCreate(&a));
+  DSV4_CUDA_CHECK(cudaEventCreate(&b));
+  // Warm up, then size the replay count to about 2 ms a measurement.
+  for (int i = 0; i < 3; ++i) DSV4_CUDA_CHECK(cudaGraphLaunch(exec, stream));
+  DSV4_CUDA_CHECK(cudaEventRecord(a, stream));
+  DSV4_CUDA_CHECK(cudaGraphLaunch(exec, stream));
+  DSV4_CUDA_CHECK(cudaEventRecord(b, stream));
+  DSV4_CUDA_CHECK(cudaEventSynchronize(b));
+  float one_ms = 0;
+  DSV4_CUDA_CHECK(cudaEventElapsedTime(&one_ms, a, b));
+  const int launches = std::clamp(static_cast<int>(2.0f / std::max(one_ms, 1e-3f)), 2, 400);
+  std::vector<double> per_step;
+  for (int r = 0; r < reps; ++r) {
+    DSV4_CUDA_CHECK(cudaEventRecord(a, stream));
+    for (int i = 0; i < launches; ++i) DSV4_CUDA_CHECK(cudaGraphLaunch(exec, stream));
+    DSV4_CUDA_CHECK(cudaEventRecord(b, stream));
+    DSV4_CUDA_CHECK(cudaEventSynchronize(b));
+    float ms = 0;
+    DSV4_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
+    per_step.push_back(1000.0 * ms / (launches * copies));
+  }
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  std::sort(per_step.begin(), per_step.end());
+  return per_step[per_step.size() / 2];
+}
+
+Ceilings measure_ceilings(cudaStream_t stream, cublasLtHandle_t h, void* ws, std::size_t ws_bytes) {
+  Ceilings c;
+  const std::size_t bytes = std::size_t{1} << 30;
+  Buffer src(Device::cuda(0), bytes), dst(Device::cuda(0), bytes);
+  random_fill(src.data(), static_cast<std::int64_t>(bytes / 2), 7);
+  const double copy_us = time_steps(stream, 1, 5, [&](int) {
+    DSV4_CUDA_CHECK(cudaMemcpyAsync(dst.data(), src.data(), bytes, cudaMemcpyDeviceToDevice, stream));
+  });
+  c.copy_gbps = 2.0 * static_cast<double>(bytes) / (copy_us * 1e3);
+  const std::int64_t n = 8192;
+  Buffer a(Device::cuda(0), n * n * 2), b(Device::cuda(0), n * n * 2), d(Device::cuda(0), n * n * 2);
+  random_fill(a.data(), n * n, 1);
+  random_fill(b.data(), n * n, 2);
+  const LibraryGemm g(h, n, n, n, DType::bf16, ws, ws_bytes);
+  const double mm_us = time_steps(stream, 1, 5, [&](int) { g.run(a.data(), b.data(), d.data(), stream); });
+  c.matmul_tflops = 2.0 * static_cast<double>(n) * n * n / (mm_us * 1e6);
+  return c;
+}
+
+Batch batch_of(const std::vector<Request>& requests, std::int64_t ratio, bool prefix) {
+  Batch b;
+  for (const Request& q : requests) {
+    if (prefix) {
+      if (q.start > 0) b.add(q.slot, 0, q.start);
+    } else {
+      b.add(q.slot, q.start, q.num_tokens);
+    }
+  }
+  std::int64_t e = 0;
+  for (const Request& q : b.requests) e += windows_completed(q.start, q.num_tokens, ratio);
+  for (std::int64_t k = 0; k < e; ++k) b.cache_locations.push_back(k);
+  return b;
+}
+
+std::int64_t entries_of(const Batch& b) { return static_cast<std::int64_t>(b.cache_locations.size()); }
+
+// One member compressor of a step with everything the four variants need.
+struct Member {
+  CompressorSpec spec;
+  std::vector<std::unique_ptr<Compressor>> f32, bf16;  // copies: kv_score f32 / bf16 (state f32)
+  std::unique_ptr<StatePool> pool_f, pool_b;
+  std::vector<Plan> plan_f, plan_b;
+  std::unique_ptr<Buffer> cache, rows_b, rows_f;
+  std::unique_ptr<LibraryGemm> gemm_b, gemm_f;
+  Batch step;
+  RunOutputs out;
+};
+
+}  // namespace
+
+Report run_gpu(const Options& o, const std::vector<std::string>& models, const std::vector<Scenario>& scenarios) {
+  Report report;
+  report.gpu = true;
+  cudaDeviceProp prop{};
+  DSV4_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  report.device = prop.name;
+  cudaStream_t stream;
+  DSV4_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  cublasLtHandle_t lt_handle;
+  lt(cublasLtCreate(&lt_handle), "create");
+  const std::size_t ws_bytes = 32u << 20;
+  Buffer workspace(Device::cuda(0), ws_bytes);
+  report.ceilings = measure_ceilings(stream, lt_handle, workspace.data(), ws_bytes);
+  const int reps = o.quick ? 3 : 7;
+
+  const Kind kinds[] = {Kind::csa_main, Kind::csa_indexer, Kind::csa_layer, Kind::hca};
+  const int total = static_cast<int>(models.size() * scenarios.size() * 4);
+  int done = 0;
+  for (const std::string& model_name : models) {
+    const Model model = model_name == "pro" ? Model::pro : Model::flash;
+    std::map<CompressorKind, RandomWeights> weights;
+    for (CompressorKind ck : {CompressorKind::csa_main, CompressorKind::csa_indexer, CompressorKind::hca})
+      weights.emplace(ck, random_weights(CompressorSpec::preset(model, ck), 11 + static_cast<int>(ck)));
+    for (const Scenario& sc : scenarios) {
+      for (Kind kind : kinds) {
+        progress(done++, total, model_name + " " + kind_label(kind) + " " + sc.name + " B=" + std::to_string(sc.batch));
+        Row row;
+        row.model = model_name;
+        row.kind = kind;
+        row.scenario = sc;
+        std::int64_t weight_bytes = 0;
+        for (CompressorKind ck : members(kind)) {
+          const CompressorSpec spec = CompressorSpec::preset(model, ck);
+          count_work(row, spec, DType::f32, &row.bytes, &row.flops, &row.tokens, &row.entries);
+          weight_bytes += spec.projection_width() * spec.hidden * 2;
+        }
+        row.floor_us = std::max(row.bytes / (report.ceilings.copy_gbps * 1e3), row.flops / (report.ceilings.matmul_tflops * 1e6));
+        const std::int64_t tokens = row.tokens;
+        const int copies = tokens >= 1024 ? 2
+                                          : std::clamp(static_cast<int>((3.0 * prop.l2CacheSize + weight_bytes - 1) / weight_bytes), 2, 16);
+        const std::int64_t hidden = model_shape(model).hidden;
+        Buffer x(Device::cuda(0), static_cast<std::size_t>(tokens * hidden * 2 + 16));
+        random_fill(x.data(), tokens * hidden, 3);
+        const TensorView xv = x.view(DType::bf16, {tokens, hidden});
+
+        std::vector<Member> ms;
+        for (CompressorKind ck : members(kind)) {
+          Member m;
+          m.spec = CompressorSpec::preset(model, ck);
+          const Weights w = weights.at(ck).view(m.spec);
+          for (int k = 0; k < copies; ++k) {
+            m.f32.push_back(std::make_unique<Compressor>(m.spec, w, dsv4::Options{Device::cuda(0), {DType::f32, DType::f32}}));
+            m.bf16.push_back(std::make_unique<Compressor>(m.spec, w, dsv4::Options{Device::cuda(0), {DType::bf16, DType::f32}}));
+          }
+          const auto requests = step_requests(sc, m.spec.ratio);
+          m.pool_f = std::make_unique<StatePool>(*m.f32[0], static_cast<std::int64_t>(requests.size()));
+          m.pool_b = std::make_unique<StatePool>(*m.bf16[0], static_cast<std::int64_t>(requests.size()));
+          const Batch prefix = batch_of(requests, m.spec.ratio, true);
+          m.step = batch_of(requests, m.spec.ratio, false);
+          const std::int64_t e = std::max<std::int64_t>(1, entries_of(m.step));
+          std::int64_t prefix_tokens = 0;
+          for (const Request& q : prefix.requests) prefix_tokens += q.num_tokens;
+          const std::int64_t scratch_rows = std::max<std::int64_t>({e, static_cast<std::int64_t>(prefix.cache_locations.size()), 1});
+          m.cache = std::make_unique<Buffer>(Device::cuda(0), static_cast<std::size_t>(scratch_rows * m.spec.entry_bytes()));
+          if (!prefix.requests.empty()) {  // bring the pools to the step's positions, with real state
+            Buffer px(Device::cuda(0), static_cast<std::size_t>(prefix_tokens * hidden * 2 + 16));
+            random_fill(px.data(), prefix_tokens * hidden, 5);
+            const RunOutputs pout{m.cache->view(DType::u8, {scratch_rows, m.spec.entry_bytes()}), std::nullopt};
+            m.f32[0]->forward(prefix, px.view(DType::bf16, {prefix_tokens, hidden}), *m.pool_f, pout);
+            m.bf16[0]->forward(prefix, px.view(DType::bf16, {prefix_tokens, hidden}), *m.pool_b, pout);
+            DSV4_CUDA_CHECK(cudaDeviceSynchronize());
+          }
+          m.out.cache = m.cache->view(DType::u8, {scratch_rows, m.spec.entry_bytes()});
+          for (int k = 0; k < copies; ++k) {
+            m.plan_f.push_back(m.f32[k]->plan(m.step, *m.pool_f));
+            m.plan_b.push_back(m.bf16[k]->plan(m.step, *m.pool_b));
+          }
+          const std::int64_t width = m.spec.projection_width();
+          m.rows_b = std::make_unique<Buffer>(Device::cuda(0), static_cast<std::size_t>(tokens * width * 2));
+          m.rows_f = std::make_unique<Buffer>(Device::cuda(0), static_cast<std::size_t>(tokens * width * 4));
+          m.gemm_b = std::make_unique<LibraryGemm>(lt_handle, width, hidden, tokens, DType::bf16, workspace.data(), ws_bytes);
+          m.gemm_f = std::make_unique<LibraryGemm>(lt_handle, width, hidden, tokens, DType::f32, workspace.data(), ws_bytes);
+          ms.push_back(std::move(m));
+        }
+
+        auto library_step = [&](Variant v, int k) {
+          for (Member& m : ms) {
+            const std::int64_t width = m.spec.projection_width();
+            const auto& c = v == Variant::bf16_direct ? *m.bf16[k] : *m.f32[k];
+            const auto& plan = v == Variant::bf16_direct ? m.plan_b[k] : m.plan_f[k];
+            auto& pool = v == Variant::bf16_direct ? *m.pool_b : *m.pool_f;
+            const void* w = c.backend().projection_weights();
+            KvScoreRows rows{m.rows_f->data(), DType::f32, width};
+            if (v == Variant::f32_gemm) {
+              m.gemm_f->run(x.data(), w, m.rows_f->data(), stream);
+            } else {
+              m.gemm_b->run(x.data(), w, m.rows_b->data(), stream);
+              if (v == Variant::cast) cast(m.rows_b->data(), m.rows_f->data(), tokens * width, stream);
+              else rows = {m.rows_b->data(), DType::bf16, width};
+            }
+            c.backend().compress(plan.data(), rows, pool.data(), m.out, stream);
+          }
+        };
+        for (Variant v : {Variant::cast, Variant::bf16_direct, Variant::f32_gemm})
+          row.us[static_cast<int>(v)] = time_steps(stream, copies, reps, [&](int k) { library_step(v, k); });
+
+        if (ms.size() == 1) {
+          Member& m = ms[0];
+          row.us[3] = time_steps(stream, copies, reps, [&](int k) {
+            m.bf16[k]->backend().run(m.plan_b[k].data(), xv, m.pool_b->data(), m.out, stream);
+          });
+        } else {  // the CSA layer: one shared projection per copy (CompressorGroup)
+          std::vector<std::unique_ptr<CompressorGroup>> groups;
+          std::vector<std::unique_ptr<StatePool>> pools;  // [copy][member]
+          std::vector<GroupPlan> plans;
+          for (int k = 0; k < copies; ++k) {
+            groups.push_back(std::make_unique<CompressorGroup>(
+                std::vector<const Compressor*>{ms[0].bf16[k].get(), ms[1].bf16[k].get()}));
+            std::vector<const StatePool*> states;
+            for (Member& m : ms) {
+              // Each copy gets its own pools, cloned (memory and positions) from the member's.
+              pools.push_back(std::make_unique<StatePool>(*m.bf16[k], m.pool_b->num_slots()));
+              const TensorView mem = pools.back()->memory();
+              DSV4_CUDA_CHECK(cudaMemcpy(mem.data, m.pool_b->memory().data, mem.nbytes(), cudaMemcpyDeviceToDevice));
+              pools.back()->data().next_position = m.pool_b->data().next_position;
+              states.push_back(pools.back().get());
+            }
+            plans.push_back(groups.back()->plan({ms[0].step, ms[1].step}, states));
+          }
+          row.us[3] = time_steps(stream, copies, reps, [&](int k) {
+            groups[k]->run(plans[k], xv, {pools[2 * k].get(), pools[2 * k + 1].get()}, {ms[0].out, ms[1].out}, stream);
+          });
+        }
+        report.rows.push_back(row);
+      }
+    }
+  }
+  progress(total, total, "done");
+  cublasLtDestroy(lt_handle);
+  cudaStreamDestroy(stream);
+  return report;
+}
+
+}  // namespace dsv4::bench

@@ -1,0 +1,10 @@
+// Built instead of gpu_bench.cu when the build has no CUDA backend.
+#include "bench/bench.hpp"
+
+namespace dsv4::bench {
+
+Report run_gpu(const Options&, const std::vector<std::string>&, const std::vector<Scenario>&) {
+  throw Error("--device cuda: this build has no CUDA backend");
+}
+
+}  // namespace dsv4::bench
