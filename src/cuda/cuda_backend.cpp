@@ -1,10 +1,12 @@
-// The CUDA backend: three stream-ordered steps per run, all on the caller's stream, with no
+// The CUDA backend: four stream-ordered steps per run, all on the caller's stream, with no
 // host synchronisation or allocation once the plan exists (so a run can be graph-captured):
 //   1. projection GEMM (cuBLASLt) into the plan's kv_score workspace, fp32 or bf16;
-//   2. compress_entries: pooling + RMSNorm + RoPE + rotation + fp8 packing, one block per entry;
-//   3. update_state: the rows later calls need go into each request's ring.
+//   2. pool_windows: the gated softmax of every completed window into fp32 pooled values;
+//   3. update_state: the rows later calls need go into each request's ring (after 2 read them);
+//   4. finish_entries: RMSNorm + RoPE + rotation + fp8 packing + store, one block per entry.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstring>
 #include <memory>
 #include <vector>
@@ -37,6 +39,7 @@ std::shared_ptr<void> device_copy(int device, const std::vector<T>& host) {
 struct CudaPlan {
   std::shared_ptr<void> arrays;
   std::shared_ptr<void> kv_score;
+  std::shared_ptr<void> pooled;  // [entries, head_dim] fp32
   cuda::DevicePlan view;
 };
 
@@ -94,6 +97,7 @@ class CudaBackend final : public Backend {
     cp->view.cache_location = base + 5 * b + 2;
     cp->view.num_requests = static_cast<int>(b);
     cp->view.num_entries = static_cast<int>(e);
+    cp->pooled = device_alloc(device_, static_cast<std::size_t>(std::max<std::int64_t>(plan.num_entries(), 1) * spec_.head_dim) * 4);
     if (own_rows)
       cp->kv_score = device_alloc(device_, static_cast<std::size_t>(plan.num_tokens() * spec_.projection_width()) *
                                                dtype_size(precision_.kv_score));
@@ -117,10 +121,12 @@ class CudaBackend final : public Backend {
     const auto& cp = *static_cast<const CudaPlan*>(plan.backend_data.get());
     const cuda::KvScoreView kv{rows.data, rows.dtype, rows.ld};
     const cuda::StateView st{state.memory, precision_.state, state.slot_bytes, state.ring_rows, state.row_elems};
-    cuda::launch_compress_entries(consts_, cp.view, kv, st,
-                                  outputs.cache ? outputs.cache->as<std::uint8_t>() : nullptr,
-                                  outputs.entries ? outputs.entries->as<std::uint16_t>() : nullptr, stream);
+    auto* pooled = static_cast<float*>(cp.pooled.get());
+    cuda::launch_pool_windows(consts_, cp.view, kv, st, pooled, stream);
     cuda::launch_update_state(consts_, cp.view, kv, st, stream);
+    cuda::launch_finish_entries(consts_, cp.view, pooled,
+                                outputs.cache ? outputs.cache->as<std::uint8_t>() : nullptr,
+                                outputs.entries ? outputs.entries->as<std::uint16_t>() : nullptr, stream);
   }
 
   std::unique_ptr<GroupProjection> make_group_projection(const std::vector<const Backend*>& members) const override;

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include "core/numerics.hpp"
 #include "cuda/cuda_check.hpp"
+#include "cuda/kernels.hpp"
 
 namespace dsv4::cuda {
 
@@ -42,6 +43,18 @@ __device__ __forceinline__ float block_sum(float v, float* scratch /* 32 floats 
   float total = 0.0f;
   for (int w = 0; w < warps; ++w) total += scratch[w];  // same order in every thread
   return total;
+}
+
+// The request an entry belongs to: the last request whose entry_offset <= e (requests that
+// complete no window share their offset with the next one).
+__device__ __forceinline__ int request_of(const DevicePlan& p, std::int64_t e) {
+  int lo = 0, hi = p.num_requests - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (p.entry_offset[mid] <= e) lo = mid;
+    else hi = mid - 1;
+  }
+  return lo;
 }
 
 inline unsigned ceil_div(std::int64_t a, std::int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }

@@ -55,14 +55,17 @@ struct CompressorConsts {
   const float* inv_freq = nullptr;  // [rope_dim / 2]
 };
 
-// Pools every completed window, then RMSNorm, RoPE, rotation, quantization and store: one
-// block per entry. `cache` and `entries` may each be null.
-void launch_compress_entries(const CompressorConsts& c, const DevicePlan& plan, KvScoreView kv,
-                             StateView state, std::uint8_t* cache, std::uint16_t* entries,
-                             cudaStream_t stream);
+// Pools every completed window: pooled[entry, head_dim] fp32 (before the norm).
+void launch_pool_windows(const CompressorConsts& c, const DevicePlan& plan, KvScoreView kv, StateView state,
+                         float* pooled, cudaStream_t stream);
 
-// Copies into each request's ring the rows later calls still need. Runs after
-// launch_compress_entries, which may still read the rows this overwrites.
+// Per entry: RMSNorm, RoPE, rotation, then quantization and store. `cache` and `entries` may
+// each be null.
+void launch_finish_entries(const CompressorConsts& c, const DevicePlan& plan, const float* pooled,
+                           std::uint8_t* cache, std::uint16_t* entries, cudaStream_t stream);
+
+// Runs after launch_pool_windows, which may still read the rows this overwrites.
+// Copies into each request's ring the rows later calls still need.
 void launch_update_state(const CompressorConsts& c, const DevicePlan& plan, KvScoreView kv,
                          StateView state, cudaStream_t stream);
 

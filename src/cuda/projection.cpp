@@ -1,5 +1,7 @@
 #include "cuda/projection.hpp"
 
+#include <algorithm>
+#include <cstdlib>
 #include <string>
 
 #include "cuda/cuda_check.hpp"
@@ -12,6 +14,8 @@ void check(cublasStatus_t s, const char* what) {
   if (s != CUBLAS_STATUS_SUCCESS)
     throw DeviceError(std::string("cuBLASLt: ") + what + " failed with status " + std::to_string(static_cast<int>(s)));
 }
+
+constexpr std::int64_t kReferenceTokens = 4096;
 
 cudaDataType_t cuda_type(DType d) { return d == DType::f32 ? CUDA_R_32F : CUDA_R_16BF; }
 
@@ -47,7 +51,11 @@ Projection::Projection(int device, std::int64_t width, std::int64_t hidden, DTyp
   check(cublasLtMatmulPreferenceCreate(&pref), "preference");
   const std::uint64_t workspace = 0;
   check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace, sizeof workspace), "workspace");
-  const Layouts l(width, hidden, /*tokens=*/4096, width, out_dtype);
+  // The shape the algorithm is chosen for. DSV4_PROJECTION_REF_TOKENS overrides it (a tuning
+  // knob for benchmarks; every process with the same value gets the same algorithm).
+  std::int64_t ref_tokens = kReferenceTokens;
+  if (const char* env = std::getenv("DSV4_PROJECTION_REF_TOKENS")) ref_tokens = std::max(1ll, std::atoll(env));
+  const Layouts l(width, hidden, ref_tokens, width, out_dtype);
   cublasLtMatmulHeuristicResult_t results[16];
   int found = 0;
   check(cublasLtMatmulAlgoGetHeuristic(handle_, desc_, l.a, l.b, l.d, l.d, pref, 16, results, &found), "heuristic");

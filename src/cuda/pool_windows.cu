@@ -1,0 +1,117 @@
+// Gated softmax pooling of every completed window into pooled[entry, channel] (fp32). Block
+// (entry, 64-channel chunk) runs 8 groups of slots side by side, each an online softmax over
+// its slots, merged in a fixed order; warps read 32 consecutive channels of one row, so every
+// load is coalesced, and an HCA window's 128 slots are read by 8 blocks x 8 groups at once.
+#include "cuda/device_utils.cuh"
+#include "cuda/kernels.hpp"
+
+namespace dsv4::cuda {
+
+namespace {
+
+constexpr int kChannels = 64;
+constexpr int kGroups = 8;
+
+template <class ScoreT, class StateT>
+struct RowSource {
+  const ScoreT* call_rows;  // this request's first kv_score row
+  std::int64_t ld;
+  const StateT* ring;       // this request's slot
+  std::int64_t ring_rows, width, start;
+  bool round_bf16;
+
+  // Value at column c of the token at `position`, as the pooling sees it.
+  __device__ float at(std::int64_t position, std::int64_t c) const {
+    if (position >= start) {
+      const float v = to_float(call_rows[(position - start) * ld + c]);
+      return round_bf16 ? num::round_to_bf16(v) : v;
+    }
+    return to_float(ring[(position % ring_rows) * width + c]);
+  }
+};
+
+struct Softmax {
+  float m = -INFINITY, s = 0.0f, a = 0.0f;
+  __device__ void add(float logit, float value) {
+    const float m2 = fmaxf(m, logit);
+    const float old = expf(m - m2), p = expf(logit - m2);
+    s = s * old + p;
+    a = a * old + p * value;
+    m = m2;
+  }
+  __device__ void merge(const Softmax& o) {
+    if (o.m == -INFINITY) return;
+    const float m2 = fmaxf(m, o.m);
+    const float x = expf(m - m2), y = expf(o.m - m2);
+    s = s * x + o.s * y;
+    a = a * x + o.a * y;
+    m = m2;
+  }
+};
+
+template <class ScoreT, class StateT>
+__global__ void __launch_bounds__(kChannels * kGroups) pool_windows_kernel(CompressorConsts c, DevicePlan p,
+                                                                          KvScoreView kv, StateView st, float* pooled) {
+  __shared__ Softmax partial[kGroups][kChannels];
+  const std::int64_t e = blockIdx.x;
+  const int i = request_of(p, e);
+  const std::int64_t start = p.start[i];
+  const std::int64_t w = start / c.ratio + (e - p.entry_offset[i]);
+  const int hd = c.head_dim;
+  const int d = blockIdx.y * kChannels + threadIdx.x;
+  const std::int64_t half = static_cast<std::int64_t>(c.overlap ? 2 : 1) * hd;
+  const RowSource<ScoreT, StateT> src{
+      static_cast<const ScoreT*>(kv.data) + p.token_offset[i] * kv.ld, kv.ld,
+      reinterpret_cast<const StateT*>(static_cast<const char*>(st.data) + p.slot[i] * st.slot_bytes),
+      st.ring_rows, st.width, start, c.round_bf16};
+
+  // Slot j: ratio 128 has the window's tokens; ratio 4 has the previous window's tokens on
+  // channel half 0 (absent for window 0), then the current window's on channel half 1.
+  const int slots = c.overlap ? 2 * c.ratio : c.ratio;
+  const int first = (c.overlap && w == 0) ? c.ratio : 0;
+  Softmax sm;
+  if (d < hd) {
+    for (int j = first + threadIdx.y; j < slots; j += kGroups) {
+      std::int64_t position, channel0;
+      int ape_row;
+      if (!c.overlap) {
+        position = w * c.ratio + j, channel0 = 0, ape_row = j;
+      } else if (j < c.ratio) {
+        position = (w - 1) * c.ratio + j, channel0 = 0, ape_row = j;
+      } else {
+        position = w * c.ratio + (j - c.ratio), channel0 = hd, ape_row = j - c.ratio;
+      }
+      const float logit = src.at(position, half + channel0 + d) + c.ape[ape_row * half + channel0 + d];
+      sm.add(logit, src.at(position, channel0 + d));
+    }
+  }
+  partial[threadIdx.y][threadIdx.x] = sm;
+  __syncthreads();
+  if (threadIdx.y == 0 && d < hd) {
+    Softmax total = partial[0][threadIdx.x];
+    for (int g = 1; g < kGroups; ++g) total.merge(partial[g][threadIdx.x]);
+    pooled[e * hd + d] = total.a / total.s;
+  }
+}
+
+template <class ScoreT, class StateT>
+void launch(const CompressorConsts& c, const DevicePlan& p, KvScoreView kv, StateView st, float* pooled,
+            cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(p.num_entries), ceil_div(c.head_dim, kChannels));
+  pool_windows_kernel<ScoreT, StateT><<<grid, dim3(kChannels, kGroups), 0, stream>>>(c, p, kv, st, pooled);
+}
+
+}  // namespace
+
+void launch_pool_windows(const CompressorConsts& c, const DevicePlan& p, KvScoreView kv, StateView st, float* pooled,
+                         cudaStream_t stream) {
+  if (p.num_entries == 0) return;
+  const bool score_f32 = kv.dtype == DType::f32, state_f32 = st.dtype == DType::f32;
+  if (score_f32 && state_f32) launch<float, float>(c, p, kv, st, pooled, stream);
+  else if (score_f32) launch<float, std::uint16_t>(c, p, kv, st, pooled, stream);
+  else if (state_f32) launch<std::uint16_t, float>(c, p, kv, st, pooled, stream);
+  else launch<std::uint16_t, std::uint16_t>(c, p, kv, st, pooled, stream);
+  DSV4_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace dsv4::cuda
