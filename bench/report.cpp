@@ -79,8 +79,11 @@ void print_model_level(const Report& r) {
     for (int v = 0; v < kVariants; ++v) {
       const double t = nc * csa->us[v] + nh * hca->us[v];
       if (!std::isfinite(t)) continue;
-      std::printf("    %-38s %8.0f us   saves %6.0f us (%.2fx) against (a)\n", variant_label(static_cast<Variant>(v)), t,
-                  a - t, a / t);
+      if (std::isfinite(a))
+        std::printf("    %-38s %8.0f us   saves %6.0f us (%.2fx) against (a)\n", variant_label(static_cast<Variant>(v)), t,
+                    a - t, a / t);
+      else
+        std::printf("    %-38s %8.0f us\n", variant_label(static_cast<Variant>(v)), t);
     }
   }
 }

@@ -1,10 +1,8 @@
 #!/usr/bin/env bash
-# Builds and runs the main job: a DeepSeek-V4-Flash-shaped layer's compressors serving a mixed
-# batch on random weights, with the split invariant checked. Extra arguments go to the demo.
+# Builds and runs the main job: `dsv4-compressor bench`, on the GPU when there is one, else on
+# the CPU backend (about a minute). Extra arguments go to the benchmark (e.g. --quick,
+# --json FILE, --svg FILE).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/build.sh
-tool=./"${BUILD_DIR:-build}"/dsv4-compressor
-device=cpu
-if "$tool" info | grep -q "GPU present"; then device=cuda; fi
-exec "$tool" demo --device "$device" "$@"
+exec ./"${BUILD_DIR:-build}"/dsv4-compressor bench "$@"
