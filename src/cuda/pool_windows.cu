@@ -1,7 +1,7 @@
 // Gated softmax pooling of every completed window into pooled[entry, channel] (fp32). Block
-// (entry, 64-channel chunk) runs 16 groups of slots side by side, each an online softmax over
+// (entry, 64-channel chunk) runs 8 groups of slots side by side, each an online softmax over
 // its slots, merged in a fixed order; warps read 32 consecutive channels of one row, so every
-// load is coalesced, and an HCA window's 128 slots are read by 8 blocks x 16 groups at once.
+// load is coalesced, and an HCA window's 128 slots are read by 8 blocks x 8 groups at once.
 #include "cuda/device_utils.cuh"
 #include "cuda/kernels.hpp"
 
@@ -10,7 +10,10 @@ namespace dsv4::cuda {
 namespace {
 
 constexpr int kChannels = 64;
-constexpr int kGroups = 16;  // 16 groups: an HCA window's 128 slots are 8 online-softmax steps deep
+// 8 groups: one slot each at ratio 4. Measured on the H100 (docs/PERF.md), 16 groups made an
+// HCA step at B=1 faster (30 -> 25 us) but B=256 slower (197 -> 230 us) and ratio-4 steps at
+// B=256 much slower (49 -> 80 us: half the threads idle, half the blocks resident).
+constexpr int kGroups = 8;
 
 template <class ScoreT, class StateT>
 struct RowSource {
