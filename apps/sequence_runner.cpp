@@ -78,10 +78,8 @@ std::vector<SequenceOutput> run_sequences(const Compressor& compressor,
       const std::int64_t first = req.start / spec.ratio;
       const std::int64_t count = windows_completed(req.start, req.num_tokens, spec.ratio);
       const std::int64_t k0 = plan.entry_offset(r);
-      std::memcpy(out[i].entries.data() + first * hd, finished.data() + k0 * hd,
-                  static_cast<std::size_t>(count * hd) * 2);
-      std::memcpy(out[i].cache.data() + first * entry_bytes, cache.data() + k0 * entry_bytes,
-                  static_cast<std::size_t>(count * entry_bytes));
+      std::copy_n(finished.begin() + k0 * hd, count * hd, out[i].entries.begin() + first * hd);
+      std::copy_n(cache.begin() + k0 * entry_bytes, count * entry_bytes, out[i].cache.begin() + first * entry_bytes);
       consumed[i] += req.num_tokens;
     }
   }

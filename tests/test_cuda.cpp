@@ -6,6 +6,7 @@
 #include <sys/wait.h>
 
 #include <cstdlib>
+#include <limits>
 #include <random>
 
 #include "core/numerics.hpp"
@@ -251,6 +252,77 @@ TEST(CudaGroup, SharedProjectionMatchesSoloAndSplits) {
     EXPECT_LE(test::relative_l2(g_idx, s_idx), tol);
     std::printf("    group kv_score %s: vs solo main %.3g, indexer %.3g\n", std::string(dtype_name(score)).c_str(),
                 test::relative_l2(g_main, s_main), test::relative_l2(g_idx, s_idx));
+  }
+}
+
+// The soak on the GPU: thousands of small serving steps (arrivals, chunked prefills, decodes,
+// multi-token decodes, slot reuse), every entry bit-identical to one call per whole sequence
+// and within tolerance of the fp64 formula.
+TEST(CudaSoak, ThousandsOfServingStepsMatchTheWholeSequenceFormula) {
+  REQUIRE_GPU();
+  std::mt19937_64 rng(std::random_device{}());
+  std::size_t steps = 0;
+  for (CompressorKind kind : {CompressorKind::csa_main, CompressorKind::csa_indexer, CompressorKind::hca}) {
+    for (DType score : {DType::f32, DType::bf16}) {
+      CompressorSpec spec = CompressorSpec::preset(Model::flash, kind);
+      spec.hidden = 64;
+      const RandomWeights w = random_weights(spec, rng());
+      const Precision p{score, DType::f32};
+      const Compressor gpu(spec, w.view(spec), {.device = Device::cuda(0), .precision = p});
+      const auto seqs = test::random_sequences(small() ? 20 : (spec.ratio == 4 ? 160 : 60), 1,
+                                               spec.ratio == 4 ? 300 : 700, spec.hidden, rng);
+      auto buffers = test::device_buffers(Device::cuda(0));
+      const auto schedule = test::arrival_schedule(seqs, rng, 12);
+      const test::Served served = test::serve(gpu, seqs, schedule, *buffers, rng, /*pool_slots=*/16);
+      const test::Served whole = test::serve(gpu, seqs, test::whole_schedule(seqs), *buffers, rng);
+      ASSERT_EQ(served.problems, "");
+      steps += schedule.size();
+      std::vector<std::uint16_t> all;
+      std::vector<double> ref;
+      for (std::size_t i = 0; i < seqs.size(); ++i) {
+        ASSERT_EQ(served.entries[i], whole.entries[i]) << kind_name(kind) << " sequence " << i;
+        ASSERT_EQ(served.cache[i], whole.cache[i]) << kind_name(kind) << " sequence " << i;
+        const auto r = test::reference_entries(spec, w, seqs[i].x.data(), seqs[i].length);
+        ref.insert(ref.end(), r.begin(), r.end());
+        all.insert(all.end(), served.entries[i].begin(), served.entries[i].end());
+      }
+      EXPECT_LE(test::relative_l2(all, ref), test::tolerance(p)) << kind_name(kind);
+    }
+  }
+  std::printf("    GPU soak: %zu serving steps\n", steps);
+  EXPECT_GE(steps, small() ? 100u : 2000u);
+}
+
+// NaN or Inf in one request's x stays in that request on the GPU too.
+TEST(CudaHostileValues, NanAndInfStayInTheirRequest) {
+  REQUIRE_GPU();
+  for (float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+    for (CompressorKind kind : {CompressorKind::csa_main, CompressorKind::hca}) {
+      CompressorSpec spec = CompressorSpec::preset(Model::flash, kind);
+      spec.hidden = 64;
+      std::mt19937_64 rng(std::random_device{}());
+      const RandomWeights w = random_weights(spec, rng());
+      const Compressor gpu(spec, w.view(spec), {.device = Device::cuda(0)});
+      const std::int64_t n = 2 * spec.ratio + 3;
+      const auto x = random_x(3 * n, spec.hidden, rng);
+      auto poisoned = x;
+      for (std::int64_t k = 0; k < spec.hidden; k += 7)
+        poisoned[static_cast<std::size_t>((n + 5) * spec.hidden + k)] = num::bf16_from_f32(bad);
+      std::vector<test::Sequence> clean(3), dirty(3);
+      for (int r = 0; r < 3; ++r) {
+        clean[r].length = dirty[r].length = n;
+        clean[r].x.assign(x.begin() + r * n * spec.hidden, x.begin() + (r + 1) * n * spec.hidden);
+        dirty[r].x.assign(poisoned.begin() + r * n * spec.hidden, poisoned.begin() + (r + 1) * n * spec.hidden);
+      }
+      auto buffers = test::device_buffers(Device::cuda(0));
+      const auto a = test::serve(gpu, clean, test::whole_schedule(clean), *buffers, rng);
+      const auto b = test::serve(gpu, dirty, test::whole_schedule(dirty), *buffers, rng);
+      EXPECT_EQ(a.entries[0], b.entries[0]);
+      EXPECT_EQ(a.entries[2], b.entries[2]);
+      EXPECT_EQ(a.cache[0], b.cache[0]);
+      EXPECT_EQ(a.cache[2], b.cache[2]);
+      EXPECT_NE(a.entries[1], b.entries[1]);
+    }
   }
 }
 

@@ -138,6 +138,17 @@ TEST(Validation, BadBatchesAreRejected) {
   with([](Batch& b) { b.cache_locations = {10, 16}; }, "batch.cache_locations[1]: expected a row below 16");
 }
 
+// A request claiming 2^31 tokens is refused on the cache-location count before the plan builds
+// anything per entry (found by fuzzing the planner: it used to allocate for 2^29 entries).
+TEST(Validation, HugeRequestsAreRefusedBeforeAllocating) {
+  World w;
+  Batch b;
+  b.add(2, 0, std::int64_t{1} << 31);
+  expect_rejected(w, [&] { w.comp.plan(b, w.state); }, "batch.cache_locations: expected 536870912 locations");
+  b.requests[0].num_tokens = (std::int64_t{1} << 31) + 1;
+  expect_rejected(w, [&] { w.comp.plan(b, w.state); }, "batch.requests[0].num_tokens: expected 1..2147483648");
+}
+
 TEST(Validation, StalePlansAndForeignPoolsAreRejected) {
   World w;
   Call c(w);

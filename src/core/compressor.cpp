@@ -232,20 +232,24 @@ Plan Compressor::make_plan(const Batch& batch, const StatePool& state, bool own_
       reject(name + ".start: expected 0.." + std::to_string(kMaxPosition) + ", got " +
              std::to_string(r.start));
     p->token_offsets.push_back(p->token_offsets.back() + r.num_tokens);
-    const std::int64_t windows = windows_completed(r.start, r.num_tokens, spec_.ratio);
-    for (std::int64_t w = 0; w < windows; ++w) {
-      p->entry_request.push_back(static_cast<std::int32_t>(i));
-      p->entry_window.push_back(r.start / spec_.ratio + w);
-    }
-    p->entry_offsets.push_back(p->entry_offsets.back() + windows);
+    p->entry_offsets.push_back(p->entry_offsets.back() + windows_completed(r.start, r.num_tokens, spec_.ratio));
   }
   check_positions(batch.requests, st, /*at_run=*/false);
 
+  // The count is checked before any per-entry array is built, so that a request claiming
+  // billions of tokens is refused without allocating for them.
   const std::int64_t entries = p->entry_offsets.back();
   if (static_cast<std::int64_t>(batch.cache_locations.size()) != entries)
     reject("batch.cache_locations: expected " + std::to_string(entries) +
            " locations (one per window the batch completes), got " +
            std::to_string(batch.cache_locations.size()));
+  p->entry_request.reserve(static_cast<std::size_t>(entries));
+  p->entry_window.reserve(static_cast<std::size_t>(entries));
+  for (std::size_t i = 0; i < batch.requests.size(); ++i)
+    for (std::int64_t k = 0; k < p->entry_offsets[i + 1] - p->entry_offsets[i]; ++k) {
+      p->entry_request.push_back(static_cast<std::int32_t>(i));
+      p->entry_window.push_back(batch.requests[i].start / spec_.ratio + k);
+    }
   std::unordered_map<std::int64_t, std::size_t> row_owner;
   for (std::size_t k = 0; k < batch.cache_locations.size(); ++k) {
     const std::int64_t row = batch.cache_locations[k];

@@ -21,10 +21,6 @@ namespace dsv4::cpu {
 
 namespace {
 
-// The vector helpers below never cross an ABI boundary (internal linkage, inlined), so GCC's
-// note that AVX-sized vector returns change the ABI does not apply.
-#pragma GCC diagnostic ignored "-Wpsabi"
-
 typedef float v8f __attribute__((vector_size(32)));
 
 constexpr std::int64_t kTileTokens = 4;   // tokens per register tile
@@ -32,15 +28,13 @@ constexpr std::int64_t kTileRows = 2;     // weight rows per register tile
 constexpr std::int64_t kBlockTokens = 64; // tokens whose x stays in cache while weights stream
 constexpr std::int64_t kChunk = 512;      // K per partial sum (a multiple of 8)
 
-inline float lane_sum(v8f v) {
+// Vectors go by reference: the helpers are called from both the AVX2 and the default clone,
+// and passing AVX-sized vectors by value would differ in ABI between them.
+inline float lane_sum(const v8f& v) {
   return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
 }
 
-inline v8f load8(const float* p) {
-  v8f v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
+inline void load8(v8f& v, const float* p) { std::memcpy(&v, p, sizeof v); }
 
 // out[t][n] += dot(x[t][k0:k1], w[n][k0:k1]) for a 4-token x 2-row tile. Tiles never vary in
 // shape: the caller pads tokens with zero rows and the width to an even number of rows.
@@ -49,9 +43,12 @@ void tile_dot(const float* x, std::int64_t x_stride, const float* w, std::int64_
               std::int64_t len, float* out, std::int64_t out_stride) {
   v8f acc[kTileTokens][kTileRows] = {};
   for (std::int64_t k = 0; k < len; k += 8) {
-    const v8f w0 = load8(w + k), w1 = load8(w + w_stride + k);
+    v8f w0, w1;
+    load8(w0, w + k);
+    load8(w1, w + w_stride + k);
     for (std::int64_t t = 0; t < kTileTokens; ++t) {
-      const v8f xv = load8(x + t * x_stride + k);
+      v8f xv;
+      load8(xv, x + t * x_stride + k);
       acc[t][0] += xv * w0;
       acc[t][1] += xv * w1;
     }

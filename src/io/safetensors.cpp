@@ -52,8 +52,6 @@ const char* tag_of(DType dtype) {
 }  // namespace
 
 SafetensorsFile SafetensorsFile::open(const std::string& path) {
-  SafetensorsFile f;
-  f.path_ = path;
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) bad_file(path, std::string("cannot open: ") + std::strerror(errno));
   struct stat st {};
@@ -69,9 +67,21 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
   void* base = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
   ::close(fd);
   if (base == MAP_FAILED) bad_file(path, std::string("cannot map: ") + std::strerror(errno));
-  f.mapping_ = std::shared_ptr<void>(base, [size](void* p) { ::munmap(p, size); });
-  const auto* bytes = static_cast<const std::uint8_t*>(base);
+  std::shared_ptr<void> mapping(base, [size](void* p) { ::munmap(p, size); });
+  return parse(path, mapping, static_cast<const std::uint8_t*>(base), size);
+}
 
+SafetensorsFile SafetensorsFile::from_memory(const std::string& name, std::vector<std::uint8_t> bytes) {
+  auto owner = std::make_shared<std::vector<std::uint8_t>>(std::move(bytes));
+  return parse(name, owner, owner->data(), owner->size());
+}
+
+SafetensorsFile SafetensorsFile::parse(const std::string& path, std::shared_ptr<void> owner, const std::uint8_t* bytes,
+                                       std::uint64_t size) {
+  SafetensorsFile f;
+  f.path_ = path;
+  f.mapping_ = std::move(owner);
+  if (size < 8) bad_file(path, "truncated: " + std::to_string(size) + " bytes, a safetensors file has at least 8");
   std::uint64_t header_len = 0;
   for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | bytes[i];  // little-endian
   if (header_len > kMaxHeaderBytes || header_len > size - 8)

@@ -26,6 +26,8 @@ struct StoredTensor {
 class SafetensorsFile {
  public:
   static SafetensorsFile open(const std::string& path);
+  // The same checks on bytes already in memory (`name` stands for the path in messages).
+  static SafetensorsFile from_memory(const std::string& name, std::vector<std::uint8_t> bytes);
 
   const std::string& path() const { return path_; }
   bool contains(const std::string& name) const { return tensors_.count(name) != 0; }
@@ -46,6 +48,9 @@ class SafetensorsFile {
   }
 
  private:
+  static SafetensorsFile parse(const std::string& path, std::shared_ptr<void> owner, const std::uint8_t* bytes,
+                               std::uint64_t size);
+
   std::string path_;
   std::shared_ptr<void> mapping_;
   std::map<std::string, StoredTensor> tensors_;

@@ -90,14 +90,42 @@ Schedule random_schedule(const std::vector<Sequence>& seqs, std::mt19937_64& rng
   return schedule;
 }
 
+Schedule arrival_schedule(const std::vector<Sequence>& seqs, std::mt19937_64& rng, std::size_t max_active) {
+  std::vector<std::int64_t> left;
+  for (const auto& s : seqs) left.push_back(s.length);
+  std::vector<std::size_t> active;
+  std::size_t next = 0;
+  Schedule schedule;
+  std::uniform_int_distribution<int> kind(0, 9);
+  std::bernoulli_distribution admit(0.5);
+  while (next < seqs.size() || !active.empty()) {
+    while (next < seqs.size() && active.size() < max_active && (active.empty() || admit(rng))) active.push_back(next++);
+    std::vector<std::pair<std::size_t, std::int64_t>> step;
+    for (std::size_t i : active) {
+      std::int64_t take;
+      const int k = kind(rng);
+      if (left[i] == seqs[i].length) take = std::uniform_int_distribution<std::int64_t>(1, 64)(rng);  // prefill chunk
+      else if (k < 6) take = 1;                                                                    // decode
+      else if (k < 9) take = std::uniform_int_distribution<std::int64_t>(2, 8)(rng);               // multi-token
+      else take = std::uniform_int_distribution<std::int64_t>(9, 64)(rng);                          // chunk
+      take = std::min(take, left[i]);
+      step.emplace_back(i, take);
+      left[i] -= take;
+    }
+    std::erase_if(active, [&](std::size_t i) { return left[i] == 0; });
+    schedule.push_back(std::move(step));
+  }
+  return schedule;
+}
+
 Served serve(const Compressor& compressor, const std::vector<Sequence>& seqs, const Schedule& schedule,
-             Buffers& buffers, std::mt19937_64& rng) {
+             Buffers& buffers, std::mt19937_64& rng, std::int64_t pool_slots) {
   const CompressorSpec& spec = compressor.spec();
   const std::int64_t hd = spec.head_dim, entry_bytes = spec.entry_bytes();
   const auto n = static_cast<std::int64_t>(seqs.size());
 
   // A pool with spare slots, handed out in random order and reused once a request finishes.
-  StatePool state(compressor, 2 * n + 3);
+  StatePool state(compressor, pool_slots > 0 ? pool_slots : 2 * n + 3);
   std::vector<std::int64_t> free_slots(static_cast<std::size_t>(state.num_slots()));
   std::iota(free_slots.begin(), free_slots.end(), 0);
   std::shuffle(free_slots.begin(), free_slots.end(), rng);

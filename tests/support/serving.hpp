@@ -36,6 +36,9 @@ std::vector<Sequence> random_sequences(std::int64_t count, std::int64_t min_len,
 using Schedule = std::vector<std::vector<std::pair<std::size_t, std::int64_t>>>;
 Schedule whole_schedule(const std::vector<Sequence>& seqs);  // one call with everything
 Schedule random_schedule(const std::vector<Sequence>& seqs, std::mt19937_64& rng);
+// Requests arrive over time, at most `max_active` at once: a new one starts (chunked prefill)
+// when another finishes, so slots are freed and reused throughout. Many small batches.
+Schedule arrival_schedule(const std::vector<Sequence>& seqs, std::mt19937_64& rng, std::size_t max_active);
 
 struct Served {
   std::vector<std::vector<std::uint16_t>> entries;  // per sequence, bf16 [L / ratio, head_dim]
@@ -47,7 +50,8 @@ struct Served {
 // Runs the schedule. Slots come from a pool larger than needed, handed out at random and
 // reused after a request finishes; each entry goes to a random row of one shared cache. All
 // outputs are poisoned before each call and checked to have been written.
+// `pool_slots` (default 2n + 3) sizes the state pool.
 Served serve(const Compressor& compressor, const std::vector<Sequence>& seqs, const Schedule& schedule,
-             Buffers& buffers, std::mt19937_64& rng);
+             Buffers& buffers, std::mt19937_64& rng, std::int64_t pool_slots = 0);
 
 }  // namespace dsv4::test
