@@ -21,8 +21,8 @@ if ! command -v clang++ >/dev/null || ! ls /usr/lib/llvm-*/lib/libomp.so >/dev/n
 fi
 cmake -S . -B build-fuzz -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DDSV4_CUDA=OFF -DBUILD_TESTING=OFF \
   -DCMAKE_CXX_COMPILER=clang++ -DDSV4_FUZZ=ON -DDSV4_SANITIZE=address,undefined >/dev/null
-cmake --build build-fuzz --target fuzz_safetensors fuzz_plan
-for target in safetensors plan; do
+cmake --build build-fuzz --target fuzz_safetensors fuzz_npy fuzz_plan
+for target in safetensors npy plan; do
   work=build-fuzz/corpus-$target
   mkdir -p "$work"
   echo "-- fuzz_$target for ${FUZZ_SECONDS:-30} s"
