@@ -27,7 +27,7 @@ const char* variant_label(Variant v) {
     case Variant::cast: return "(a) bf16 GEMM + cast + compress f32";
     case Variant::bf16_direct: return "(b) bf16 GEMM read directly";
     case Variant::f32_gemm: return "(c) fp32-output GEMM";
-    case Variant::best: return "(d) dsv4 best path";
+    case Variant::best: return "(d) dsv4 (HCA: running state)";
   }
   return "?";
 }

@@ -77,7 +77,10 @@ Report run_cpu(const Options& o, const std::vector<Scenario>& scenarios) {
       for (CompressorKind ck : members(kind)) {
         const CompressorSpec spec = CompressorSpec::preset(model, ck);
         count_work(row, spec, DType::f32, &row.bytes, &row.flops, &row.tokens, &row.entries);
-        comps.push_back(std::make_unique<Compressor>(spec, weights.at(ck).view(spec)));
+        // As on the GPU, the best path keeps an HCA window as running accumulators.
+        comps.push_back(std::make_unique<Compressor>(
+            spec, weights.at(ck).view(spec),
+            dsv4::Options{.window_state = spec.overlap() ? WindowState::rows : WindowState::running}));
         const auto requests = step_requests(sc, spec.ratio);
         pools.push_back(std::make_unique<StatePool>(*comps.back(), static_cast<std::int64_t>(requests.size())));
         Batch prefix, step;

@@ -255,6 +255,45 @@ TEST(CudaGroup, SharedProjectionMatchesSoloAndSplits) {
   }
 }
 
+// Running accumulators (HCA) on the GPU: within tolerance of the CPU's running path and of
+// fp64, and splits change entries by rounding only.
+TEST(CudaRunning, WithinToleranceAcrossSplits) {
+  REQUIRE_GPU();
+  for (DType score : {DType::f32, DType::bf16})
+    for (DType state : {DType::f32, DType::bf16}) {
+      CompressorSpec spec = CompressorSpec::preset(Model::flash, CompressorKind::hca);
+      if (small()) spec.hidden = 256;
+      std::mt19937_64 rng(std::random_device{}());
+      const RandomWeights w = random_weights(spec, rng());
+      const Precision p{score, state};
+      const Compressor gpu(spec, w.view(spec), {.device = Device::cuda(0), .precision = p, .window_state = WindowState::running});
+      const Compressor cpu(spec, w.view(spec), {.precision = p, .window_state = WindowState::running});
+      const auto seqs = test::random_sequences(small() ? 3 : 8, 100, 900, spec.hidden, rng);
+      auto gb = test::device_buffers(Device::cuda(0));
+      auto hb = test::host_buffers();
+      const auto split = test::serve(gpu, seqs, test::random_schedule(seqs, rng), *gb, rng);
+      const auto whole = test::serve(gpu, seqs, test::whole_schedule(seqs), *gb, rng);
+      const auto host = test::serve(cpu, seqs, test::whole_schedule(seqs), *hb, rng);
+      ASSERT_EQ(split.problems, "");
+      std::vector<std::uint16_t> got;
+      std::vector<double> ref, w_whole, w_cpu;
+      for (std::size_t i = 0; i < seqs.size(); ++i) {
+        EXPECT_EQ(test::check_stored_entries(spec, split.entries[i], split.cache[i], seqs[i].length / spec.ratio), "");
+        got.insert(got.end(), split.entries[i].begin(), split.entries[i].end());
+        for (auto v : whole.entries[i]) w_whole.push_back(num::f32_from_bf16(v));
+        for (auto v : host.entries[i]) w_cpu.push_back(num::f32_from_bf16(v));
+        const auto r = test::reference_entries(spec, w, seqs[i].x.data(), seqs[i].length);
+        ref.insert(ref.end(), r.begin(), r.end());
+      }
+      std::printf("    running kv_score %s state %s: vs fp64 %.3g, vs CPU %.3g, split vs whole %.3g\n",
+                  std::string(dtype_name(score)).c_str(), std::string(dtype_name(state)).c_str(),
+                  test::relative_l2(got, ref), test::relative_l2(got, w_cpu), test::relative_l2(got, w_whole));
+      EXPECT_LE(test::relative_l2(got, ref), test::tolerance(p));
+      EXPECT_LE(test::relative_l2(got, w_cpu), test::tolerance(p));
+      EXPECT_LE(test::relative_l2(got, w_whole), 2e-3);
+    }
+}
+
 // The soak on the GPU: thousands of small serving steps (arrivals, chunked prefills, decodes,
 // multi-token decodes, slot reuse), every entry bit-identical to one call per whole sequence
 // and within tolerance of the fp64 formula.

@@ -44,9 +44,21 @@ struct Weights {
   static Weights fused(const TensorView& wkv_gate, const TensorView& ape, const TensorView& norm);
 };
 
+// How a ratio-128 compressor keeps its incomplete window between calls.
+enum class WindowState {
+  // The window's kv_score rows (128 x 2 x head_dim values a slot): entries are bit-identical
+  // however a sequence is split into calls.
+  rows,
+  // Running softmax accumulators per channel (max, sum, weighted sum: 3 x head_dim fp32 a
+  // slot, 1/85 of the rows): a step reads and writes 6 KiB per request instead of up to
+  // 512 KiB. Splits may change entries by rounding, within SPEC section 4. Ratio 128 only.
+  running,
+};
+
 struct Options {
   Device device;  // where weights, state, x, cache and entries live
   Precision precision;
+  WindowState window_state = WindowState::rows;
 };
 
 // One request's part of a batch.
@@ -88,7 +100,7 @@ class StatePool {
   StatePool(StatePool&&) noexcept;
   StatePool& operator=(StatePool&&) noexcept;
 
-  static std::size_t bytes_required(const CompressorSpec& spec, Precision precision,
+  static std::size_t bytes_required(const CompressorSpec& spec, const Options& options,
                                     std::int64_t num_slots);
 
   std::int64_t num_slots() const;

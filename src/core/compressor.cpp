@@ -95,11 +95,13 @@ Weights Weights::fused(const TensorView& wkv_gate, const TensorView& ape, const 
 
 // ---------------------------------------------------------------------------------- StatePool
 
-std::size_t StatePool::bytes_required(const CompressorSpec& spec, Precision precision,
+std::size_t StatePool::bytes_required(const CompressorSpec& spec, const Options& options,
                                       std::int64_t num_slots) {
+  if (options.window_state == WindowState::running)
+    return static_cast<std::size_t>(num_slots) * static_cast<std::size_t>(3 * spec.head_dim) * sizeof(float);
   return static_cast<std::size_t>(num_slots) *
          static_cast<std::size_t>(detail::state_ring_rows(spec) * spec.projection_width()) *
-         dtype_size(precision.state);
+         dtype_size(options.precision.state);
 }
 
 static std::unique_ptr<detail::StateData> make_state(const Compressor& c, std::int64_t num_slots) {
@@ -109,10 +111,11 @@ static std::unique_ptr<detail::StateData> make_state(const Compressor& c, std::i
   d->spec = c.spec();
   d->precision = c.options().precision;
   d->device = c.options().device;
+  d->running = c.options().window_state == WindowState::running;
   d->num_slots = num_slots;
   d->ring_rows = detail::state_ring_rows(d->spec);
   d->row_elems = d->spec.projection_width();
-  d->slot_bytes = StatePool::bytes_required(d->spec, d->precision, 1);
+  d->slot_bytes = StatePool::bytes_required(d->spec, c.options(), 1);
   d->next_position.assign(static_cast<std::size_t>(num_slots), 0);
   return d;
 }
@@ -185,6 +188,9 @@ Compressor::Compressor(const CompressorSpec& spec, const Weights& weights, Optio
     : spec_(spec), options_(options) {
   spec_.validate();
   check_precision(options_.precision);
+  if (options_.window_state == WindowState::running && spec_.overlap())
+    reject("options.window_state: running accumulators need ratio 128 (windows without overlap), got ratio " +
+           std::to_string(spec_.ratio));
   const HostWeights host = take_weights(spec_, weights);
   if (options_.device.type == DeviceType::cpu)
     backend_ = make_cpu_backend(spec_, host, options_.precision);
@@ -202,8 +208,9 @@ Plan Compressor::plan(const Batch& batch, const StatePool& state) const {
 
 Plan Compressor::make_plan(const Batch& batch, const StatePool& state, bool own_rows) const {
   const detail::StateData& st = state.data();
-  if (!(st.spec == spec_) || !(st.precision == options_.precision) || !(st.device == options_.device))
-    reject("state: expected a pool made for this compressor (same spec, precision and device)");
+  if (!(st.spec == spec_) || !(st.precision == options_.precision) || !(st.device == options_.device) ||
+      st.running != (options_.window_state == WindowState::running))
+    reject("state: expected a pool made for this compressor (same spec, precision, device and window state)");
 
   auto p = std::make_shared<detail::PlanData>();
   p->owner = backend_.get();
@@ -287,8 +294,9 @@ void Compressor::check_run(const Plan& plan, const TensorView& x, const StatePoo
   const detail::PlanData& p = *plan.data_;
   const detail::StateData& st = state.data();
   if (p.owner != backend_.get()) reject("plan: expected a plan made by this compressor, got another's");
-  if (!(st.spec == spec_) || !(st.precision == options_.precision) || !(st.device == options_.device))
-    reject("state: expected a pool made for this compressor (same spec, precision and device)");
+  if (!(st.spec == spec_) || !(st.precision == options_.precision) || !(st.device == options_.device) ||
+      st.running != (options_.window_state == WindowState::running))
+    reject("state: expected a pool made for this compressor (same spec, precision, device and window state)");
   for (const Request& r : p.requests)
     if (r.slot >= st.num_slots)
       reject("plan: slot " + std::to_string(r.slot) + " is outside this pool of " +

@@ -38,10 +38,13 @@ struct PlanData {
 // A slot is a ring of ring_rows kv_score rows in the state dtype: token at position q lives in
 // row q % ring_rows, valid while q is at or after the start of the previous window (ratio 4)
 // or of the current window (ratio 128).
+// With WindowState::running a slot instead holds three fp32 arrays [head_dim]: the running
+// max, sum and weighted sum of the softmax over the incomplete window's tokens so far.
 struct StateData {
   CompressorSpec spec;
   Precision precision;
   Device device;
+  bool running = false;
   std::int64_t num_slots = 0;
   std::int64_t ring_rows = 0;
   std::int64_t row_elems = 0;

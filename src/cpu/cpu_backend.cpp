@@ -63,8 +63,13 @@ class CpuBackend final : public Backend {
     }
 
     std::vector<float> pooled(static_cast<std::size_t>(entries * hd));
-    cpu::pool_windows(plan, kv_score, state, ape_.data(), pooled.data());
-    cpu::update_state(plan, kv_score, state);
+    if (state.running) {
+      cpu::pool_windows_running(plan, kv_score, state, ape_.data(), pooled.data());
+      cpu::update_state_running(plan, kv_score, state, ape_.data());
+    } else {
+      cpu::pool_windows(plan, kv_score, state, ape_.data(), pooled.data());
+      cpu::update_state(plan, kv_score, state);
+    }
 
     const std::int64_t entry_bytes = spec_.entry_bytes();
     std::vector<std::uint16_t> scratch;

@@ -128,4 +128,84 @@ void update_state(const detail::PlanData& plan, const float* kv_score, detail::S
   }
 }
 
+namespace {
+
+// Online softmax over the tokens of one channel: running max, sum and weighted sum.
+struct Running {
+  float m = -std::numeric_limits<float>::infinity(), s = 0.0f, a = 0.0f;
+  void add(float logit, float value) {
+    const float m2 = std::max(m, logit);
+    const float old = std::exp(m - m2), p = std::exp(logit - m2);
+    s = s * old + p;
+    a = a * old + p * value;
+    m = m2;
+  }
+};
+
+// A slot's accumulators: m, s and a, each [head_dim] fp32.
+float* accumulators(const detail::StateData& state, std::int64_t slot) {
+  return reinterpret_cast<float*>(static_cast<char*>(state.memory) + static_cast<std::size_t>(slot) * state.slot_bytes);
+}
+
+// Accumulates the tokens [from, to) of window w (first position w0) of request i into acc,
+// starting from the slot's accumulators when the window began before this call.
+void accumulate(const detail::PlanData& plan, std::size_t i, std::int64_t w0, std::int64_t to, const float* kv_score,
+                const detail::StateData& state, const float* ape, std::vector<Running>& acc) {
+  const CompressorSpec& spec = plan.spec;
+  const std::int64_t hd = spec.head_dim, width = spec.projection_width();
+  const Request& r = plan.requests[i];
+  acc.assign(static_cast<std::size_t>(hd), Running{});
+  if (w0 < r.start) {
+    const float* st = accumulators(state, r.slot);
+    for (std::int64_t d = 0; d < hd; ++d) acc[static_cast<std::size_t>(d)] = {st[d], st[hd + d], st[2 * hd + d]};
+  }
+  for (std::int64_t q = std::max(w0, r.start); q < to; ++q) {
+    const float* row = kv_score + (plan.token_offsets[i] + q - r.start) * width;
+    const float* bias = ape + (q - w0) * hd;
+    for (std::int64_t d = 0; d < hd; ++d) acc[static_cast<std::size_t>(d)].add(row[hd + d] + bias[d], row[d]);
+  }
+}
+
+}  // namespace
+
+void pool_windows_running(const detail::PlanData& plan, const float* kv_score, const detail::StateData& state,
+                          const float* ape, float* pooled) {
+  const std::int64_t r = plan.spec.ratio, hd = plan.spec.head_dim;
+  const auto entries = plan.num_entries();
+#pragma omp parallel
+  {
+    std::vector<Running> acc;
+#pragma omp for schedule(dynamic, 1)
+    for (std::int64_t e = 0; e < entries; ++e) {
+      const auto i = static_cast<std::size_t>(plan.entry_request[static_cast<std::size_t>(e)]);
+      const std::int64_t w0 = plan.entry_window[static_cast<std::size_t>(e)] * r;
+      accumulate(plan, i, w0, w0 + r, kv_score, state, ape, acc);
+      for (std::int64_t d = 0; d < hd; ++d) pooled[e * hd + d] = acc[static_cast<std::size_t>(d)].a / acc[static_cast<std::size_t>(d)].s;
+    }
+  }
+}
+
+void update_state_running(const detail::PlanData& plan, const float* kv_score, detail::StateData& state,
+                          const float* ape) {
+  const std::int64_t r = plan.spec.ratio, hd = plan.spec.head_dim;
+  const auto requests = static_cast<std::int64_t>(plan.requests.size());
+#pragma omp parallel
+  {
+    std::vector<Running> acc;
+#pragma omp for schedule(dynamic, 1)
+    for (std::int64_t i = 0; i < requests; ++i) {
+      const Request& req = plan.requests[static_cast<std::size_t>(i)];
+      const std::int64_t end = req.start + req.num_tokens;
+      if (end % r == 0) continue;  // no incomplete window to keep
+      accumulate(plan, static_cast<std::size_t>(i), (end / r) * r, end, kv_score, state, ape, acc);
+      float* st = accumulators(state, req.slot);
+      for (std::int64_t d = 0; d < hd; ++d) {
+        st[d] = acc[static_cast<std::size_t>(d)].m;
+        st[hd + d] = acc[static_cast<std::size_t>(d)].s;
+        st[2 * hd + d] = acc[static_cast<std::size_t>(d)].a;
+      }
+    }
+  }
+}
+
 }  // namespace dsv4::cpu

@@ -21,6 +21,12 @@ void pool_windows(const detail::PlanData& plan, const float* kv_score,
 // Stores into each request's slot the rows that later calls will still need.
 void update_state(const detail::PlanData& plan, const float* kv_score, detail::StateData& state);
 
+// The same two steps with running accumulators in the slots (WindowState::running, ratio 128).
+void pool_windows_running(const detail::PlanData& plan, const float* kv_score, const detail::StateData& state,
+                          const float* ape, float* pooled);
+void update_state_running(const detail::PlanData& plan, const float* kv_score, detail::StateData& state,
+                          const float* ape);
+
 // Norm, RoPE and (for the indexer) rotation of one pooled entry; entry_bf16[head_dim].
 void finish_entry(const CompressorSpec& spec, const float* norm_weight, const float* inv_freq,
                   const float* pooled, std::int64_t position, std::uint16_t* entry_bf16);

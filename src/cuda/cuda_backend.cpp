@@ -120,7 +120,8 @@ class CudaBackend final : public Backend {
     const auto stream = static_cast<cudaStream_t>(stream_ptr);
     const auto& cp = *static_cast<const CudaPlan*>(plan.backend_data.get());
     const cuda::KvScoreView kv{rows.data, rows.dtype, rows.ld};
-    const cuda::StateView st{state.memory, precision_.state, state.slot_bytes, state.ring_rows, state.row_elems};
+    const cuda::StateView st{state.memory, precision_.state, state.slot_bytes, state.ring_rows, state.row_elems,
+                             state.running};
     auto* pooled = static_cast<float*>(cp.pooled.get());
     cuda::launch_pool_windows(consts_, cp.view, kv, st, pooled, stream);
     cuda::launch_update_state(consts_, cp.view, kv, st, stream);

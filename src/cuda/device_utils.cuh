@@ -57,6 +57,27 @@ __device__ __forceinline__ int request_of(const DevicePlan& p, std::int64_t e) {
   return lo;
 }
 
+// Online softmax over one channel's tokens: running max, sum and weighted sum. merge() folds
+// in another partial; both give the same result as one pass up to rounding.
+struct Softmax {
+  float m = -INFINITY, s = 0.0f, a = 0.0f;
+  __device__ void add(float logit, float value) {
+    const float m2 = fmaxf(m, logit);
+    const float old = expf(m - m2), p = expf(logit - m2);
+    s = s * old + p;
+    a = a * old + p * value;
+    m = m2;
+  }
+  __device__ void merge(const Softmax& o) {
+    if (o.m == -INFINITY) return;
+    const float m2 = fmaxf(m, o.m);
+    const float x = expf(m - m2), y = expf(o.m - m2);
+    s = s * x + o.s * y;
+    a = a * x + o.a * y;
+    m = m2;
+  }
+};
+
 inline unsigned ceil_div(std::int64_t a, std::int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
 
 }  // namespace dsv4::cuda

@@ -32,12 +32,14 @@ struct KvScoreView {
 };
 
 // The state pool: per slot a ring of ring_rows rows of `width` elements.
+// With `running`, a slot holds fp32 accumulators m, s, a [head_dim] instead of rows.
 struct StateView {
   void* data = nullptr;
   DType dtype = DType::f32;
   std::size_t slot_bytes = 0;
   std::int64_t ring_rows = 0;
   std::int64_t width = 0;
+  bool running = false;
 };
 
 struct CompressorConsts {

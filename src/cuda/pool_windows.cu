@@ -33,25 +33,6 @@ struct RowSource {
   }
 };
 
-struct Softmax {
-  float m = -INFINITY, s = 0.0f, a = 0.0f;
-  __device__ void add(float logit, float value) {
-    const float m2 = fmaxf(m, logit);
-    const float old = expf(m - m2), p = expf(logit - m2);
-    s = s * old + p;
-    a = a * old + p * value;
-    m = m2;
-  }
-  __device__ void merge(const Softmax& o) {
-    if (o.m == -INFINITY) return;
-    const float m2 = fmaxf(m, o.m);
-    const float x = expf(m - m2), y = expf(o.m - m2);
-    s = s * x + o.s * y;
-    a = a * x + o.a * y;
-    m = m2;
-  }
-};
-
 template <class ScoreT, class StateT>
 __global__ void __launch_bounds__(kChannels * kGroups) pool_windows_kernel(CompressorConsts c, DevicePlan p,
                                                                           KvScoreView kv, StateView st, float* pooled) {
@@ -71,8 +52,20 @@ __global__ void __launch_bounds__(kChannels * kGroups) pool_windows_kernel(Compr
   // Slot j: ratio 128 has the window's tokens; ratio 4 has the previous window's tokens on
   // channel half 0 (absent for window 0), then the current window's on channel half 1.
   const int slots = c.overlap ? 2 * c.ratio : c.ratio;
-  const int first = (c.overlap && w == 0) ? c.ratio : 0;
+  int first = (c.overlap && w == 0) ? c.ratio : 0;
   Softmax sm;
+  if (st.running) {
+    // Running accumulators: tokens before this call are already folded into the slot's (m, s,
+    // a); group 0 starts from them and the groups take the call's tokens.
+    const std::int64_t w0 = w * c.ratio;
+    if (w0 < start) {
+      first = static_cast<int>(start - w0);
+      if (threadIdx.y == 0 && d < hd) {
+        const float* acc = reinterpret_cast<const float*>(static_cast<const char*>(st.data) + p.slot[i] * st.slot_bytes);
+        sm = Softmax{acc[d], acc[hd + d], acc[2 * hd + d]};
+      }
+    }
+  }
   if (d < hd) {
     for (int j = first + threadIdx.y; j < slots; j += kGroups) {
       std::int64_t position, channel0;

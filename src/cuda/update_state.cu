@@ -25,8 +25,37 @@ __global__ void update_state_kernel(CompressorConsts c, DevicePlan p, KvScoreVie
   }
 }
 
+// Running accumulators: thread (request, channel) folds the call's tokens of the incomplete
+// window into the slot's (m, s, a), starting from them when the window began before the call.
+template <class ScoreT>
+__global__ void update_running_kernel(CompressorConsts c, DevicePlan p, KvScoreView kv, StateView st) {
+  const int i = blockIdx.x;
+  const int d = blockIdx.y * blockDim.x + threadIdx.x;
+  const int hd = c.head_dim;
+  const std::int64_t start = p.start[i], end = start + p.num_tokens[i];
+  if (d >= hd || end % c.ratio == 0) return;
+  const std::int64_t w0 = (end / c.ratio) * c.ratio;
+  float* acc = reinterpret_cast<float*>(static_cast<char*>(st.data) + p.slot[i] * st.slot_bytes);
+  Softmax sm;
+  if (w0 < start) sm = Softmax{acc[d], acc[hd + d], acc[2 * hd + d]};
+  const ScoreT* rows = static_cast<const ScoreT*>(kv.data) + p.token_offset[i] * kv.ld;
+  for (std::int64_t q = max(w0, start); q < end; ++q) {
+    const ScoreT* row = rows + (q - start) * kv.ld;
+    float score = to_float(row[hd + d]), value = to_float(row[d]);
+    if (c.round_bf16) score = num::round_to_bf16(score), value = num::round_to_bf16(value);
+    sm.add(score + c.ape[(q - w0) * hd + d], value);
+  }
+  acc[d] = sm.m;
+  acc[hd + d] = sm.s;
+  acc[2 * hd + d] = sm.a;
+}
+
 template <class ScoreT, class StateT>
 void launch(const CompressorConsts& c, const DevicePlan& p, KvScoreView kv, StateView st, cudaStream_t stream) {
+  if (st.running) {
+    update_running_kernel<ScoreT><<<dim3(static_cast<unsigned>(p.num_requests), ceil_div(c.head_dim, 128)), 128, 0, stream>>>(c, p, kv, st);
+    return;
+  }
   // At most ring_rows rows per request need keeping (ratio 4: under 2 windows; 128: under 1).
   const dim3 grid(static_cast<unsigned>(p.num_requests), static_cast<unsigned>(st.ring_rows));
   update_state_kernel<ScoreT, StateT><<<grid, 256, 0, stream>>>(c, p, kv, st);
