@@ -15,6 +15,7 @@
 #include "support/group.hpp"
 #include "support/reference.hpp"
 #include "support/serving.hpp"
+#include "support/soak.hpp"
 
 namespace dsv4 {
 namespace {
@@ -308,24 +309,8 @@ TEST(CudaSoak, ThousandsOfServingStepsMatchTheWholeSequenceFormula) {
       const RandomWeights w = random_weights(spec, rng());
       const Precision p{score, DType::f32};
       const Compressor gpu(spec, w.view(spec), {.device = Device::cuda(0), .precision = p});
-      const auto seqs = test::random_sequences(small() ? 20 : (spec.ratio == 4 ? 160 : 60), 1,
-                                               spec.ratio == 4 ? 300 : 700, spec.hidden, rng);
       auto buffers = test::device_buffers(Device::cuda(0));
-      const auto schedule = test::arrival_schedule(seqs, rng, 12);
-      const test::Served served = test::serve(gpu, seqs, schedule, *buffers, rng, /*pool_slots=*/16);
-      const test::Served whole = test::serve(gpu, seqs, test::whole_schedule(seqs), *buffers, rng);
-      ASSERT_EQ(served.problems, "");
-      steps += schedule.size();
-      std::vector<std::uint16_t> all;
-      std::vector<double> ref;
-      for (std::size_t i = 0; i < seqs.size(); ++i) {
-        ASSERT_EQ(served.entries[i], whole.entries[i]) << kind_name(kind) << " sequence " << i;
-        ASSERT_EQ(served.cache[i], whole.cache[i]) << kind_name(kind) << " sequence " << i;
-        const auto r = test::reference_entries(spec, w, seqs[i].x.data(), seqs[i].length);
-        ref.insert(ref.end(), r.begin(), r.end());
-        all.insert(all.end(), served.entries[i].begin(), served.entries[i].end());
-      }
-      EXPECT_LE(test::relative_l2(all, ref), test::tolerance(p)) << kind_name(kind);
+      steps += test::soak(gpu, w, small() ? 20 : (spec.ratio == 4 ? 160 : 60), *buffers, rng).steps;
     }
   }
   std::printf("    GPU soak: %zu serving steps\n", steps);

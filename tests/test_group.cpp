@@ -2,6 +2,8 @@
 // same entries as each compressor alone, and bad group calls are rejected.
 #include <gtest/gtest.h>
 
+#include "support/cases.hpp"
+
 #include <random>
 
 #include "core/random_inputs.hpp"
@@ -41,14 +43,7 @@ TEST(CompressorGroup, BadGroupsAndCallsAreRejected) {
   idx_spec.hidden = 64;
   const auto wm = random_weights(main_spec, 1), wi = random_weights(idx_spec, 2);
   const Compressor main(main_spec, wm.view(main_spec)), narrow(idx_spec, wi.view(idx_spec));
-  const auto expect = [](const std::function<void()>& f, const std::string& fragment) {
-    try {
-      f();
-      ADD_FAILURE() << "accepted; expected " << fragment;
-    } catch (const Error& e) {
-      EXPECT_NE(std::string(e.what()).find(fragment), std::string::npos) << e.what();
-    }
-  };
+  const auto expect = test::expect_refused;
   expect([&] { CompressorGroup({&main, &narrow}); }, "members[1]: expected hidden 128 like members[0], got 64");
   expect([&] { CompressorGroup({&main, &main}); }, "members[1]: the same compressor as members[0]");
   expect([&] { CompressorGroup({}); }, "members: expected at least one");

@@ -11,6 +11,7 @@
 #include "core/numerics.hpp"
 #include "support/reference.hpp"
 #include "support/serving.hpp"
+#include "support/soak.hpp"
 
 namespace dsv4 {
 namespace {
@@ -27,34 +28,12 @@ TEST(Soak, ThousandsOfServingStepsMatchTheWholeSequenceFormula) {
   for (CompressorKind kind : {CompressorKind::csa_main, CompressorKind::csa_indexer, CompressorKind::hca}) {
     CompressorSpec spec = CompressorSpec::preset(Model::flash, kind);
     spec.hidden = 32;
-    const Precision p = precisions[rng() % 3];
     const RandomWeights w = random_weights(spec, rng());
-    const Compressor comp(spec, w.view(spec), {.precision = p});
-    const auto seqs = test::random_sequences(spec.ratio == 4 ? 160 : 60, 1, spec.ratio == 4 ? 300 : 700, spec.hidden, rng);
+    const Compressor comp(spec, w.view(spec), {.precision = precisions[rng() % 3]});
     auto buffers = test::host_buffers();
-    const auto schedule = test::arrival_schedule(seqs, rng, 12);
-    const test::Served served = test::serve(comp, seqs, schedule, *buffers, rng, /*pool_slots=*/16);
-    const test::Served whole = test::serve(comp, seqs, test::whole_schedule(seqs), *buffers, rng);
-    ASSERT_EQ(served.problems, "");
-    steps += schedule.size();
-    std::vector<std::uint16_t> all;
-    std::vector<double> ref;
-    for (std::size_t i = 0; i < seqs.size(); ++i) {
-      ASSERT_EQ(served.entries[i], whole.entries[i]) << kind_name(kind) << " sequence " << i;
-      ASSERT_EQ(served.cache[i], whole.cache[i]) << kind_name(kind) << " sequence " << i;
-      const auto r = test::reference_entries(spec, w, seqs[i].x.data(), seqs[i].length);
-      ref.insert(ref.end(), r.begin(), r.end());
-      all.insert(all.end(), served.entries[i].begin(), served.entries[i].end());
-      // Entry by entry: each within tolerance of its own reference.
-      for (std::size_t e = 0; e < r.size() / static_cast<std::size_t>(spec.head_dim); ++e) {
-        const auto b = static_cast<std::ptrdiff_t>(e * static_cast<std::size_t>(spec.head_dim));
-        const std::vector<std::uint16_t> one(served.entries[i].begin() + b, served.entries[i].begin() + b + spec.head_dim);
-        const std::vector<double> one_ref(r.begin() + b, r.begin() + b + spec.head_dim);
-        ASSERT_LE(test::relative_l2(one, one_ref), 3 * test::tolerance(p)) << kind_name(kind) << " sequence " << i << " entry " << e;
-      }
-    }
-    entries += all.size() / static_cast<std::size_t>(spec.head_dim);
-    EXPECT_LE(test::relative_l2(all, ref), test::tolerance(p)) << kind_name(kind);
+    const test::SoakResult r = test::soak(comp, w, spec.ratio == 4 ? 160 : 60, *buffers, rng);
+    steps += r.steps;
+    entries += r.entries;
   }
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::printf("    soak: %zu serving steps, %zu entries checked, %.1f s\n", steps, entries, seconds);

@@ -1,7 +1,8 @@
 // Presets, construction from checkpoint shapes, and spec validation.
 #include <gtest/gtest.h>
 
-#include "dsv4/spec.hpp"
+#include "dsv4/compressor.hpp"
+#include "support/cases.hpp"
 
 namespace dsv4 {
 namespace {
@@ -51,39 +52,32 @@ TEST(Spec, FromCheckpointShapes) {
   EXPECT_EQ(hca, CompressorSpec::preset(Model::flash, CompressorKind::hca));
 }
 
-void expect_error(const std::function<void()>& f, const std::string& fragment) {
-  try {
-    f();
-    ADD_FAILURE() << "no error; expected one mentioning '" << fragment << "'";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find(fragment), std::string::npos) << e.what();
-  }
-}
+using test::expect_refused;
 
 TEST(Spec, RejectsInconsistentShapes) {
-  expect_error([] { CompressorSpec::from_shapes({1024, 4096}, {1024, 4096}, {8, 1024}, {512}, false); }, "ratio, expected 4 or 128");
-  expect_error([] { CompressorSpec::from_shapes({1024, 4096}, {1024, 4096}, {4, 512}, {512}, false); }, "ape: expected shape [4, 1024]");
-  expect_error([] { CompressorSpec::from_shapes({1000, 4096}, {1024, 4096}, {4, 1024}, {512}, false); }, "wkv.weight: expected shape [1024, hidden]");
-  expect_error([] { CompressorSpec::from_shapes({1024, 4096}, {1024, 4000}, {4, 1024}, {512}, false); }, "wgate.weight");
-  expect_error([] { CompressorSpec::from_shapes({1024, 4096}, {1024, 4096}, {4, 1024}, {512, 1}, false); }, "norm.weight");
+  expect_refused([] { CompressorSpec::from_shapes({1024, 4096}, {1024, 4096}, {8, 1024}, {512}, false); }, "ratio, expected 4 or 128");
+  expect_refused([] { CompressorSpec::from_shapes({1024, 4096}, {1024, 4096}, {4, 512}, {512}, false); }, "ape: expected shape [4, 1024]");
+  expect_refused([] { CompressorSpec::from_shapes({1000, 4096}, {1024, 4096}, {4, 1024}, {512}, false); }, "wkv.weight: expected shape [1024, hidden]");
+  expect_refused([] { CompressorSpec::from_shapes({1024, 4096}, {1024, 4000}, {4, 1024}, {512}, false); }, "wgate.weight");
+  expect_refused([] { CompressorSpec::from_shapes({1024, 4096}, {1024, 4096}, {4, 1024}, {512, 1}, false); }, "norm.weight");
 }
 
 TEST(Spec, ValidationNamesTheField) {
   auto spec = CompressorSpec::preset(Model::flash, CompressorKind::csa_main);
   spec.ratio = 8;
-  expect_error([&] { spec.validate(); }, "spec.ratio: expected 4 or 128, got 8");
+  expect_refused([&] { spec.validate(); }, "spec.ratio: expected 4 or 128, got 8");
   spec = CompressorSpec::preset(Model::flash, CompressorKind::hca);
   spec.head_dim = 500;  // 436 no-rope dims: not whole fp8 blocks
-  expect_error([&] { spec.validate(); }, "spec.head_dim: the fp8_ds entry needs");
+  expect_refused([&] { spec.validate(); }, "spec.head_dim: the fp8_ds entry needs");
   spec = CompressorSpec::preset(Model::flash, CompressorKind::csa_indexer);
   spec.head_dim = 96;
-  expect_error([&] { spec.validate(); }, "Hadamard rotation needs a power of two");
+  expect_refused([&] { spec.validate(); }, "Hadamard rotation needs a power of two");
   spec = CompressorSpec::preset(Model::flash, CompressorKind::csa_main);
   spec.rope.dim = 63;
-  expect_error([&] { spec.validate(); }, "spec.rope.dim");
+  expect_refused([&] { spec.validate(); }, "spec.rope.dim");
   spec = CompressorSpec::preset(Model::flash, CompressorKind::csa_main);
   spec.hidden = 0;
-  expect_error([&] { spec.validate(); }, "spec.hidden");
+  expect_refused([&] { spec.validate(); }, "spec.hidden");
 }
 
 }  // namespace

@@ -4,22 +4,14 @@
 
 #include <random>
 
+#include "support/cases.hpp"
 #include "support/reference.hpp"
 #include "support/serving.hpp"
 
 namespace dsv4 {
 namespace {
 
-struct Case {
-  CompressorKind kind;
-  Precision precision;
-};
-
-// Readable parameter names in test listings.
-void PrintTo(const Case& c, std::ostream* os) {
-  *os << kind_name(c.kind) << ", kv_score " << dtype_name(c.precision.kv_score) << ", state "
-      << dtype_name(c.precision.state);
-}
+using test::Case;
 
 class SplitInvariant : public ::testing::TestWithParam<Case> {};
 
@@ -47,22 +39,8 @@ TEST_P(SplitInvariant, RandomSplitsAndMixesAreBitIdentical) {
   }
 }
 
-std::vector<Case> all_cases() {
-  std::vector<Case> cases;
-  for (CompressorKind k : {CompressorKind::csa_main, CompressorKind::csa_indexer, CompressorKind::hca})
-    for (DType s : {DType::f32, DType::bf16})
-      for (DType st : {DType::f32, DType::bf16}) cases.push_back({k, {s, st}});
-  return cases;
-}
-
-std::string case_name(const ::testing::TestParamInfo<Case>& info) {
-  const char* kinds[] = {"CsaMain", "CsaIndexer", "Hca"};
-  return std::string(kinds[static_cast<int>(info.param.kind)]) + "_Score" +
-         std::string(dtype_name(info.param.precision.kv_score)) + "_State" +
-         std::string(dtype_name(info.param.precision.state));
-}
-
-INSTANTIATE_TEST_SUITE_P(AllKindsAndPrecisions, SplitInvariant, ::testing::ValuesIn(all_cases()), case_name);
+INSTANTIATE_TEST_SUITE_P(AllKindsAndPrecisions, SplitInvariant, ::testing::ValuesIn(test::all_cases()),
+                         test::case_name);
 
 // A bf16 state rounds every kv/score value, so kv_score f32 + state bf16 must equal kv_score
 // bf16 + state bf16 exactly: the rounding may not depend on whether a value passed the state.

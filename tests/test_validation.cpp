@@ -2,6 +2,8 @@
 // expected, and changes nothing: state bytes, positions and cache bytes stay as they were.
 #include <gtest/gtest.h>
 
+#include "support/cases.hpp"
+
 #include <functional>
 #include <random>
 
@@ -175,14 +177,7 @@ TEST(Validation, BadConstructionIsRejected) {
   auto spec = CompressorSpec::preset(Model::flash, CompressorKind::csa_main);
   spec.hidden = 64;
   const RandomWeights rw = random_weights(spec, 1);
-  const auto expect = [](const std::function<void()>& f, const std::string& fragment) {
-    try {
-      f();
-      ADD_FAILURE() << "accepted; expected " << fragment;
-    } catch (const Error& e) {
-      EXPECT_NE(std::string(e.what()).find(fragment), std::string::npos) << e.what();
-    }
-  };
+  const auto expect = test::expect_refused;
   auto bad = spec;
   bad.ratio = 16;
   expect([&] { Compressor(bad, rw.view(spec)); }, "spec.ratio: expected 4 or 128, got 16");
