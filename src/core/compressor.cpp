@@ -130,6 +130,8 @@ StatePool::StatePool(const Compressor& compressor, std::int64_t num_slots, const
     : data_(make_state(compressor, num_slots)) {
   const auto bytes = static_cast<std::int64_t>(data_->slot_bytes * num_slots);
   expect_tensor(memory, "memory", {DType::u8}, {bytes}, data_->device);
+  if (reinterpret_cast<std::uintptr_t>(memory.data) % 16 != 0)
+    reject("memory: expected data aligned to 16 bytes (slots hold fp32 rows)");
   data_->memory = memory.data;
 }
 
@@ -321,6 +323,12 @@ void Compressor::check_run(const Plan& plan, const TensorView& x, const StatePoo
   if (outputs.entries)
     expect_tensor(*outputs.entries, "outputs.entries", {DType::bf16},
                   {p.num_entries(), spec_.head_dim}, dev);
+  if (dev.type == DeviceType::cuda) {  // the kernels store 2-byte values into entries and rows
+    if (outputs.cache && reinterpret_cast<std::uintptr_t>(outputs.cache->data) % 8 != 0)
+      reject("outputs.cache: expected device data aligned to 8 bytes");
+    if (outputs.entries && reinterpret_cast<std::uintptr_t>(outputs.entries->data) % 2 != 0)
+      reject("outputs.entries: expected device data aligned to 2 bytes");
+  }
 }
 
 void Compressor::forward(const Batch& batch, const TensorView& x, StatePool& state,
