@@ -201,6 +201,10 @@ TEST(Validation, BadConstructionIsRejected) {
   expect([&] { StatePool(ok, 0); }, "num_slots: expected 1..");
   std::vector<std::uint8_t> small(100);
   expect([&] { StatePool(ok, 2, TensorView(small.data(), DType::u8, {100})); }, "memory: expected u8 [");
+  const auto bytes = static_cast<std::int64_t>(StatePool::bytes_required(spec, Options{}, 2));
+  std::vector<std::uint8_t> room(static_cast<std::size_t>(bytes) + 32);
+  auto* misaligned = room.data() + (16 - reinterpret_cast<std::uintptr_t>(room.data()) % 16) + 1;
+  expect([&] { StatePool(ok, 2, TensorView(misaligned, DType::u8, {bytes})); }, "memory: expected data aligned to 16 bytes");
   if (!cuda_available())
     expect([&] { Compressor(spec, rw.view(spec), {.device = Device::cuda(0)}); }, "device: cuda:0");
 }
