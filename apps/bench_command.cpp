@@ -14,6 +14,7 @@ void add_bench_command(CLI::App& app, std::string command_line) {
   cmd->add_option("--json", args->json, "Write every figure to this JSON file");
   cmd->add_option("--svg", args->svg, "Write a chart of decode step time against batch size");
   cmd->add_option("--device", args->device, "auto (the GPU when there is one), cpu or cuda");
+  cmd->add_option("--filter", args->filter, "Only rows whose label contains this, e.g. 'flash HCA decode B=64'");
   cmd->callback([args] { bench::run(*args); });
 }
 

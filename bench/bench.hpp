@@ -65,6 +65,7 @@ void count_work(const Row& row, const CompressorSpec& spec, DType state_dtype, d
 struct Options {
   bool quick = false;
   std::string json, svg, device = "auto";
+  std::string filter;   // only rows whose "model kind step" label contains this text
   std::string command;  // as typed, for the record
 };
 
@@ -79,5 +80,7 @@ void print_model_level(const Report& r);
 void write_json(const Report& r, const std::string& path);
 void write_svg(const Report& r, const std::string& path);
 void progress(int done, int total, const std::string& what);
+// The label --filter matches against, e.g. "flash CSA main decode B=64".
+std::string row_label(const std::string& model, Kind kind, const Scenario& s);
 
 }  // namespace dsv4::bench

@@ -98,6 +98,11 @@ void count_work(const Row& row, const CompressorSpec& spec, DType state_dtype, d
   *entries += e;
 }
 
+std::string row_label(const std::string& model, Kind kind, const Scenario& s) {
+  return model + " " + kind_label(kind) + " " + s.name + (s.name == "prefill" ? " L=" + std::to_string(s.length)
+                                                                             : " B=" + std::to_string(s.batch));
+}
+
 void progress(int done, int total, const std::string& what) {
   if (!isatty(2)) {  // logs get the start and the end only
     if (done == 0 || done == total) std::fprintf(stderr, "[%3d/%3d] %s\n", done, total, what.c_str());

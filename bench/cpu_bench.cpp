@@ -63,7 +63,8 @@ Report run_cpu(const Options& o, const std::vector<Scenario>& scenarios) {
   std::mt19937_64 rng(5);
   for (const Scenario& sc : scenarios)
     for (Kind kind : kinds) {
-      progress(done++, total, std::string("flash ") + kind_label(kind) + " " + sc.name + " B=" + std::to_string(sc.batch));
+      progress(done++, total, row_label("flash", kind, sc));
+      if (!o.filter.empty() && row_label("flash", kind, sc).find(o.filter) == std::string::npos) continue;
       Row row;
       row.model = "flash";
       row.kind = kind;

@@ -220,7 +220,8 @@ Report run_gpu(const Options& o, const std::vector<std::string>& models, const s
       weights.emplace(ck, random_weights(CompressorSpec::preset(model, ck), 11 + static_cast<int>(ck)));
     for (const Scenario& sc : scenarios) {
       for (Kind kind : kinds) {
-        progress(done++, total, model_name + " " + kind_label(kind) + " " + sc.name + " B=" + std::to_string(sc.batch));
+        progress(done++, total, row_label(model_name, kind, sc));
+        if (!o.filter.empty() && row_label(model_name, kind, sc).find(o.filter) == std::string::npos) continue;
         Row row;
         row.model = model_name;
         row.kind = kind;

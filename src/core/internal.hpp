@@ -54,6 +54,7 @@ struct StateData {
   std::vector<std::int64_t> next_position;
 };
 
+// A power of two (8 or 128), so kernels find a position's row with a mask.
 inline std::int64_t state_ring_rows(const CompressorSpec& spec) {
   return spec.overlap() ? 2 * spec.ratio : spec.ratio;
 }

@@ -1,7 +1,8 @@
-// Gated softmax pooling of every completed window into pooled[entry, channel] (fp32). Block
-// (entry, 64-channel chunk) runs 8 groups of slots side by side, each an online softmax over
-// its slots, merged in a fixed order; warps read 32 consecutive channels of one row, so every
-// load is coalesced, and an HCA window's 128 slots are read by 8 blocks x 8 groups at once.
+// Gated softmax pooling of every completed window into pooled[entry, channel] (fp32). A block
+// covers one entry and a chunk of channels; warps read 32 consecutive channels of one row, so
+// every load is coalesced. Ratio 4 (8 slots): one thread per channel walks all slots. Ratio
+// 128: 8 groups of threads each run an online softmax over a share of the slots, merged in a
+// fixed order, so an HCA window's 128 slots are read by 8 blocks x 8 groups at once.
 #include "cuda/device_utils.cuh"
 #include "cuda/kernels.hpp"
 
@@ -9,18 +10,20 @@ namespace dsv4::cuda {
 
 namespace {
 
+// Ratio 128: 64 channels x 8 slot groups. Measured on the H100 (docs/PERF.md), 16 groups made
+// an HCA step at B=1 faster (30 -> 25 us) but B=256 slower (197 -> 230 us).
 constexpr int kChannels = 64;
-// 8 groups: one slot each at ratio 4. Measured on the H100 (docs/PERF.md), 16 groups made an
-// HCA step at B=1 faster (30 -> 25 us) but B=256 slower (197 -> 230 us) and ratio-4 steps at
-// B=256 much slower (49 -> 80 us: half the threads idle, half the blocks resident).
 constexpr int kGroups = 8;
+// Ratio 4: 128 channels, one thread each over the 8 slots. One slot per thread (8 groups)
+// spent most of its time on per-thread set-up: ncu showed 31 us for a B=256 step reading 4 MB.
+constexpr int kOverlapChannels = 128;
 
 template <class ScoreT, class StateT>
 struct RowSource {
   const ScoreT* call_rows;  // this request's first kv_score row
   std::int64_t ld;
   const StateT* ring;       // this request's slot
-  std::int64_t ring_rows, width, start;
+  std::int64_t ring_mask, width, start;  // ring rows are a power of two
   bool round_bf16;
 
   // Value at column c of the token at `position`, as the pooling sees it.
@@ -29,25 +32,26 @@ struct RowSource {
       const float v = to_float(call_rows[(position - start) * ld + c]);
       return round_bf16 ? num::round_to_bf16(v) : v;
     }
-    return to_float(ring[(position % ring_rows) * width + c]);
+    return to_float(ring[(position & ring_mask) * width + c]);
   }
 };
 
 template <class ScoreT, class StateT>
 __global__ void __launch_bounds__(kChannels * kGroups) pool_windows_kernel(CompressorConsts c, DevicePlan p,
                                                                           KvScoreView kv, StateView st, float* pooled) {
-  __shared__ Softmax partial[kGroups][kChannels];
+  __shared__ Softmax partial[kChannels * kGroups];
   const std::int64_t e = blockIdx.x;
   const int i = request_of(p, e);
   const std::int64_t start = p.start[i];
   const std::int64_t w = start / c.ratio + (e - p.entry_offset[i]);
   const int hd = c.head_dim;
-  const int d = blockIdx.y * kChannels + threadIdx.x;
+  const int d = blockIdx.y * blockDim.x + threadIdx.x;
+  const int groups = blockDim.y;
   const std::int64_t half = static_cast<std::int64_t>(c.overlap ? 2 : 1) * hd;
   const RowSource<ScoreT, StateT> src{
       static_cast<const ScoreT*>(kv.data) + p.token_offset[i] * kv.ld, kv.ld,
       reinterpret_cast<const StateT*>(static_cast<const char*>(st.data) + p.slot[i] * st.slot_bytes),
-      st.ring_rows, st.width, start, c.round_bf16};
+      st.ring_rows - 1, st.width, start, c.round_bf16};
 
   // Slot j: ratio 128 has the window's tokens; ratio 4 has the previous window's tokens on
   // channel half 0 (absent for window 0), then the current window's on channel half 1.
@@ -67,7 +71,7 @@ __global__ void __launch_bounds__(kChannels * kGroups) pool_windows_kernel(Compr
     }
   }
   if (d < hd) {
-    for (int j = first + threadIdx.y; j < slots; j += kGroups) {
+    for (int j = first + threadIdx.y; j < slots; j += groups) {
       std::int64_t position, channel0;
       int ape_row;
       if (!c.overlap) {
@@ -81,11 +85,15 @@ __global__ void __launch_bounds__(kChannels * kGroups) pool_windows_kernel(Compr
       sm.add(logit, src.at(position, channel0 + d));
     }
   }
-  partial[threadIdx.y][threadIdx.x] = sm;
+  if (groups == 1) {
+    if (d < hd) pooled[e * hd + d] = sm.a / sm.s;
+    return;
+  }
+  partial[threadIdx.y * blockDim.x + threadIdx.x] = sm;
   __syncthreads();
   if (threadIdx.y == 0 && d < hd) {
-    Softmax total = partial[0][threadIdx.x];
-    for (int g = 1; g < kGroups; ++g) total.merge(partial[g][threadIdx.x]);
+    Softmax total = partial[threadIdx.x];
+    for (int g = 1; g < groups; ++g) total.merge(partial[g * blockDim.x + threadIdx.x]);
     pooled[e * hd + d] = total.a / total.s;
   }
 }
@@ -93,8 +101,9 @@ __global__ void __launch_bounds__(kChannels * kGroups) pool_windows_kernel(Compr
 template <class ScoreT, class StateT>
 void launch(const CompressorConsts& c, const DevicePlan& p, KvScoreView kv, StateView st, float* pooled,
             cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(p.num_entries), ceil_div(c.head_dim, kChannels));
-  pool_windows_kernel<ScoreT, StateT><<<grid, dim3(kChannels, kGroups), 0, stream>>>(c, p, kv, st, pooled);
+  const dim3 block = c.overlap ? dim3(kOverlapChannels, 1) : dim3(kChannels, kGroups);
+  const dim3 grid(static_cast<unsigned>(p.num_entries), ceil_div(c.head_dim, block.x));
+  pool_windows_kernel<ScoreT, StateT><<<grid, block, 0, stream>>>(c, p, kv, st, pooled);
 }
 
 }  // namespace

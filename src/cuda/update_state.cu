@@ -18,7 +18,8 @@ __global__ void update_state_kernel(CompressorConsts c, DevicePlan p, KvScoreVie
   if (q >= end) return;
   const ScoreT* src = static_cast<const ScoreT*>(kv.data) + (p.token_offset[i] + q - start) * kv.ld;
   StateT* dst = reinterpret_cast<StateT*>(static_cast<char*>(st.data) + p.slot[i] * st.slot_bytes) +
-                (q % st.ring_rows) * st.width;
+                (q & (st.ring_rows - 1)) * st.width;
+#pragma unroll 4
   for (std::int64_t col = threadIdx.x; col < st.width; col += blockDim.x) {
     const float v = to_float(src[col]);
     dst[col] = from_float<StateT>(c.round_bf16 ? num::round_to_bf16(v) : v);
