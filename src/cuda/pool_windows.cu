@@ -1,8 +1,8 @@
 // Gated softmax pooling of every completed window into pooled[entry, channel] (fp32). A block
 // covers one entry and a chunk of channels; warps read 32 consecutive channels of one row, so
-// every load is coalesced. Ratio 4 (8 slots): one thread per channel walks all slots. Ratio
-// 128: 8 groups of threads each run an online softmax over a share of the slots, merged in a
-// fixed order, so an HCA window's 128 slots are read by 8 blocks x 8 groups at once.
+// every load is coalesced. 8 groups of threads each run an online softmax over a share of the
+// window's slots, merged in a fixed order (an HCA window's 128 slots are read by 8 blocks x 8
+// groups at once); ratio 4 with many entries instead has one thread per channel walk all 8.
 #include "cuda/device_utils.cuh"
 #include "cuda/kernels.hpp"
 
@@ -14,9 +14,13 @@ namespace {
 // an HCA step at B=1 faster (30 -> 25 us) but B=256 slower (197 -> 230 us).
 constexpr int kChannels = 64;
 constexpr int kGroups = 8;
-// Ratio 4: 128 channels, one thread each over the 8 slots. One slot per thread (8 groups)
-// spent most of its time on per-thread set-up: ncu showed 31 us for a B=256 step reading 4 MB.
+// Ratio 4 with many entries: 128 channels, one thread each over the 8 slots. One slot per
+// thread (8 groups) spends most of its time on per-thread set-up when the GPU is full: ncu
+// showed 31 us for a B=256 step reading 4 MB (docs/PERF.md). With few
+// entries the 8 groups win: the slots' loads then run side by side instead of one after another
+// (B=1: 8 groups 21 us a CSA main step, one thread per channel 25 us).
 constexpr int kOverlapChannels = 128;
+constexpr int kOneGroupFrom = 128;  // entries
 
 template <class ScoreT, class StateT>
 struct RowSource {
@@ -70,19 +74,37 @@ __global__ void __launch_bounds__(kChannels * kGroups) pool_windows_kernel(Compr
       }
     }
   }
+  // The value and logit of slot j.
+  auto slot_at = [&](int j, float& logit, float& value) {
+    std::int64_t position, channel0;
+    int ape_row;
+    if (!c.overlap) {
+      position = w * c.ratio + j, channel0 = 0, ape_row = j;
+    } else if (j < c.ratio) {
+      position = (w - 1) * c.ratio + j, channel0 = 0, ape_row = j;
+    } else {
+      position = w * c.ratio + (j - c.ratio), channel0 = hd, ape_row = j - c.ratio;
+    }
+    logit = src.at(position, half + channel0 + d) + c.ape[ape_row * half + channel0 + d];
+    value = src.at(position, channel0 + d);
+  };
   if (d < hd) {
-    for (int j = first + threadIdx.y; j < slots; j += groups) {
-      std::int64_t position, channel0;
-      int ape_row;
-      if (!c.overlap) {
-        position = w * c.ratio + j, channel0 = 0, ape_row = j;
-      } else if (j < c.ratio) {
-        position = (w - 1) * c.ratio + j, channel0 = 0, ape_row = j;
-      } else {
-        position = w * c.ratio + (j - c.ratio), channel0 = hd, ape_row = j - c.ratio;
+    if (groups == 1) {
+      // Ratio 4, many entries: one thread walks the 8 slots and merges them one by one in the
+      // order the groups below would be merged. A group holding one slot is exactly
+      // {logit, 1, value}, so both layouts give the same bits and the layout may depend on the
+      // batch without breaking the split invariance (SPEC section 3).
+      for (int j = first; j < slots; ++j) {
+        float logit, value;
+        slot_at(j, logit, value);
+        sm.merge(Softmax{logit, 1.0f, value});
       }
-      const float logit = src.at(position, half + channel0 + d) + c.ape[ape_row * half + channel0 + d];
-      sm.add(logit, src.at(position, channel0 + d));
+    } else {
+      for (int j = first + threadIdx.y; j < slots; j += groups) {
+        float logit, value;
+        slot_at(j, logit, value);
+        sm.add(logit, value);
+      }
     }
   }
   if (groups == 1) {
@@ -101,7 +123,7 @@ __global__ void __launch_bounds__(kChannels * kGroups) pool_windows_kernel(Compr
 template <class ScoreT, class StateT>
 void launch(const CompressorConsts& c, const DevicePlan& p, KvScoreView kv, StateView st, float* pooled,
             cudaStream_t stream) {
-  const dim3 block = c.overlap ? dim3(kOverlapChannels, 1) : dim3(kChannels, kGroups);
+  const dim3 block = c.overlap && p.num_entries >= kOneGroupFrom ? dim3(kOverlapChannels, 1) : dim3(kChannels, kGroups);
   const dim3 grid(static_cast<unsigned>(p.num_entries), ceil_div(c.head_dim, block.x));
   pool_windows_kernel<ScoreT, StateT><<<grid, block, 0, stream>>>(c, p, kv, st, pooled);
 }
