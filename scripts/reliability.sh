@@ -16,8 +16,11 @@ cmake --build build-asan --target dsv4_tests dsv4-compressor
   ctest --output-on-failure -j "$jobs")
 
 echo "== libFuzzer targets"
-if ! command -v clang++ >/dev/null || ! ls /usr/lib/llvm-*/lib/libomp.so >/dev/null 2>&1; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends clang libomp-dev >/dev/null
+# clang, its OpenMP runtime and its sanitizer/fuzzer runtimes (libclang-rt).
+if ! command -v clang++ >/dev/null || ! ls /usr/lib/llvm-*/lib/libomp.so >/dev/null 2>&1 ||
+   ! ls /usr/lib/llvm-*/lib/clang/*/lib/linux/libclang_rt.fuzzer-*.a >/dev/null 2>&1; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    clang libomp-dev libclang-rt-dev >/dev/null
 fi
 cmake -S . -B build-fuzz -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DDSV4_CUDA=OFF -DBUILD_TESTING=OFF \
   -DCMAKE_CXX_COMPILER=clang++ -DDSV4_FUZZ=ON -DDSV4_SANITIZE=address,undefined >/dev/null
