@@ -133,7 +133,6 @@ class CudaBackend final : public Backend {
   std::unique_ptr<GroupProjection> make_group_projection(const std::vector<const Backend*>& members) const override;
 
   const CompressorSpec& spec() const { return spec_; }
-  const void* weights() const { return wkv_gate_.get(); }
   const void* projection_weights() const override { return wkv_gate_.get(); }
 
  private:
@@ -176,7 +175,7 @@ std::unique_ptr<GroupProjection> CudaBackend::make_group_projection(const std::v
   for (const Backend* m : members) {
     const auto& c = static_cast<const CudaBackend&>(*m);
     const std::size_t bytes = static_cast<std::size_t>(c.spec().projection_width() * spec_.hidden) * 2;
-    cuda_copy(device_, static_cast<char*>(w.get()) + row * spec_.hidden * 2, c.weights(), bytes);
+    cuda_copy(device_, static_cast<char*>(w.get()) + row * spec_.hidden * 2, c.projection_weights(), bytes);
     row += c.spec().projection_width();
   }
   return std::make_unique<CudaGroupProjection>(device_, std::move(w), width, spec_.hidden, precision_.kv_score);

@@ -66,8 +66,9 @@ void launch_pool_windows(const CompressorConsts& c, const DevicePlan& plan, KvSc
 void launch_finish_entries(const CompressorConsts& c, const DevicePlan& plan, const float* pooled,
                            std::uint8_t* cache, std::uint16_t* entries, cudaStream_t stream);
 
-// Runs after launch_pool_windows, which may still read the rows this overwrites.
-// Copies into each request's ring the rows later calls still need.
+// Copies into each request's ring the rows later calls still need (or, with running state,
+// folds the call's tokens into its accumulators). Runs after launch_pool_windows, which may
+// still read what this overwrites.
 void launch_update_state(const CompressorConsts& c, const DevicePlan& plan, KvScoreView kv,
                          StateView state, cudaStream_t stream);
 
