@@ -23,14 +23,14 @@ for stage in $stages; do
     test)
       "$BUILD_DIR"/tests/dsv4_cuda_tests >"$OUT/cuda_tests.log" 2>&1; rc=$?
       log "dsv4_cuda_tests rc=$rc: $(grep -E '^\[  (PASSED|FAILED|SKIPPED) ' "$OUT/cuda_tests.log" | tr '\n' ' ')"
-      grep -E "relative L2|vs solo|running kv|GPU soak|FAILED|Failure" "$OUT/cuda_tests.log" | head -80
+      grep -E "relative L2|vs solo|running kv|GPU soak|vs unfused|FAILED|Failure" "$OUT/cuda_tests.log" | head -80
       [ $rc -eq 0 ] || status=1
       "$BUILD_DIR"/tests/dsv4_tests >"$OUT/cpu_tests.log" 2>&1; rc=$?
       log "dsv4_tests rc=$rc: $(grep -E '^\[  (PASSED|FAILED) ' "$OUT/cpu_tests.log" | tr '\n' ' ')"
       [ $rc -eq 0 ] || status=1
       ;;
     sanitize)
-      filter='CudaRunning.*:CudaHostileValues.*:CudaSoak.*:CudaGroup.*:*CudaVsCpu*Flash_CsaMain_Scoref32_Statef32*:*CudaVsCpu*Flash_CsaIndexer_Scoref32_Statebf16*:*CudaVsCpu*Flash_Hca_Scorebf16_Statebf16*:*CudaSplitInvariant*Flash_CsaMain_Scorebf16_Statef32*:CudaGraph.*'
+      filter='CudaRunning.*:CudaHostileValues.*:CudaSoak.*:CudaGroup.*:*CudaVsCpu*Flash_CsaMain_Scoref32_Statef32*:*CudaVsCpu*Flash_CsaIndexer_Scoref32_Statebf16*:*CudaVsCpu*Flash_Hca_Scorebf16_Statebf16*:*CudaSplitInvariant*Flash_CsaMain_Scorebf16_Statef32*:CudaGraph.*:*CudaFused*Flash_CsaMain_Scorebf16_Statef32*:*CudaFused*Flash_Hca_Scoref32_Statebf16*:CudaFusedGroup.*'
       for tool in memcheck racecheck; do
         DSV4_TEST_SMALL=1 compute-sanitizer --tool $tool --error-exitcode 99 \
           "$BUILD_DIR"/tests/dsv4_cuda_tests --gtest_filter="$filter" >"$OUT/sanitizer_$tool.log" 2>&1; rc=$?

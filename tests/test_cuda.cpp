@@ -108,7 +108,8 @@ INSTANTIATE_TEST_SUITE_P(AllModelsKindsPrecisions, CudaVsCpu, ::testing::ValuesI
 
 class CudaSplitInvariant : public ::testing::TestWithParam<Case> {};
 
-// SPEC section 3 on the GPU: random splits and mixes give the same bits as whole sequences.
+// SPEC section 3 on the GPU: random splits and mixes give the same bits as whole sequences,
+// on the unfused path (every token count; CudaFused checks the fused path among its steps).
 TEST_P(CudaSplitInvariant, RandomSplitsAndMixesAreBitIdentical) {
   REQUIRE_GPU();
   const Case c = GetParam();
@@ -116,7 +117,8 @@ TEST_P(CudaSplitInvariant, RandomSplitsAndMixesAreBitIdentical) {
   std::mt19937_64 rng(std::random_device{}());
   const RandomWeights w = random_weights(spec, rng());
   const auto seqs = test::random_sequences(small() ? 4 : 12, 1, spec.ratio == 4 ? 200 : 900, spec.hidden, rng);
-  const Compressor gpu(spec, w.view(spec), {.device = Device::cuda(0), .precision = c.precision});
+  const Compressor gpu(spec, w.view(spec),
+                       {.device = Device::cuda(0), .precision = c.precision, .fused_decode = FusedDecode::off});
   auto buffers = test::device_buffers(Device::cuda(0));
   const test::Served whole = test::serve(gpu, seqs, test::whole_schedule(seqs), *buffers, rng);
   ASSERT_EQ(whole.problems, "");
@@ -132,16 +134,117 @@ TEST_P(CudaSplitInvariant, RandomSplitsAndMixesAreBitIdentical) {
 
 INSTANTIATE_TEST_SUITE_P(AllKindsPrecisions, CudaSplitInvariant, ::testing::ValuesIn(cases({Model::flash})), case_name);
 
+class CudaFused : public ::testing::TestWithParam<Case> {};
+
+// The fused decode path: steps of at most 256 tokens run as one launch. Two different
+// decode-shaped schedules give the same bits (the split invariance among fused steps); the
+// entries sit within SPEC section 4 of the fp64 formula, of the CPU backend and of the unfused
+// path, and are stored as the quantization of their own bf16 values.
+TEST_P(CudaFused, DecodeStepsMatchCpuAndSplitsAreBitIdentical) {
+  REQUIRE_GPU();
+  const Case c = GetParam();
+  const CompressorSpec spec = spec_for(c);
+  std::mt19937_64 rng(std::random_device{}());
+  const RandomWeights w = random_weights(spec, rng());
+  const std::int64_t n = small() ? 3 : 8;
+  const auto seqs = spec.ratio == 4 ? test::random_sequences(n, 1, 120, spec.hidden, rng)
+                                    : test::random_sequences(n, 100, 400, spec.hidden, rng);
+  for (WindowState ws : {WindowState::rows, WindowState::running}) {
+    if (ws == WindowState::running && spec.overlap()) continue;
+    const Options fused{.device = Device::cuda(0), .precision = c.precision, .window_state = ws};
+    Options unfused = fused;
+    unfused.fused_decode = FusedDecode::off;
+    const Compressor gpu(spec, w.view(spec), fused), gpu_unfused(spec, w.view(spec), unfused);
+    const Compressor cpu(spec, w.view(spec), {.precision = c.precision, .window_state = ws});
+    {  // the path chosen for a decode step
+      StatePool pool(gpu, 1);
+      Batch b;
+      b.add(0, 0, 1);
+      EXPECT_TRUE(gpu.plan(b, pool).fused());
+      EXPECT_FALSE(gpu_unfused.plan(b, pool).fused());
+    }
+    auto gb = test::device_buffers(Device::cuda(0));
+    auto hb = test::host_buffers();
+    const auto a = test::small_step_schedule(seqs, rng, 256), b = test::small_step_schedule(seqs, rng, 256);
+    const test::Served ga = test::serve(gpu, seqs, a, *gb, rng);
+    const test::Served gb2 = test::serve(gpu, seqs, b, *gb, rng);
+    const test::Served un = test::serve(gpu_unfused, seqs, test::random_schedule(seqs, rng), *gb, rng);
+    const test::Served h = test::serve(cpu, seqs, a, *hb, rng);
+    ASSERT_EQ(ga.problems, "");
+    ASSERT_EQ(gb2.problems, "");
+    std::vector<std::uint16_t> got;
+    std::vector<double> ref, host, other_path;
+    for (std::size_t i = 0; i < seqs.size(); ++i) {
+      if (ws == WindowState::rows) {
+        EXPECT_EQ(ga.entries[i], gb2.entries[i]) << "sequence " << i;
+        EXPECT_EQ(ga.cache[i], gb2.cache[i]) << "sequence " << i;
+      }
+      EXPECT_EQ(test::check_stored_entries(spec, ga.entries[i], ga.cache[i], seqs[i].length / spec.ratio), "");
+      got.insert(got.end(), ga.entries[i].begin(), ga.entries[i].end());
+      for (auto v : h.entries[i]) host.push_back(num::f32_from_bf16(v));
+      for (auto v : un.entries[i]) other_path.push_back(num::f32_from_bf16(v));
+      const auto r = test::reference_entries(spec, w, seqs[i].x.data(), seqs[i].length);
+      ref.insert(ref.end(), r.begin(), r.end());
+    }
+    ASSERT_FALSE(ref.empty());
+    const double tol = test::tolerance(c.precision);
+    std::printf("    %s%s: %zu steps, vs fp64 %.3g, vs CPU %.3g, vs unfused %.3g\n", case_name({c, 0}).c_str(),
+                ws == WindowState::running ? " running" : "", a.size(), test::relative_l2(got, ref),
+                test::relative_l2(got, host), test::relative_l2(got, other_path));
+    EXPECT_LE(test::relative_l2(got, ref), tol);
+    EXPECT_LE(test::relative_l2(got, host), tol);
+    EXPECT_LE(test::relative_l2(got, other_path), tol);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(AllModelsKindsPrecisions, CudaFused, ::testing::ValuesIn(cases({Model::flash, Model::pro})),
+                         case_name);
+
+// A CSA layer's main and indexer in one fused launch give the same bits as each compressor's
+// own fused step, for decode-shaped schedules.
+TEST(CudaFusedGroup, OneLaunchMatchesMembersAloneBitForBit) {
+  REQUIRE_GPU();
+  for (Model model : {Model::flash, Model::pro})
+    for (DType score : {DType::f32, DType::bf16}) {
+      auto main_spec = CompressorSpec::preset(model, CompressorKind::csa_main);
+      auto idx_spec = CompressorSpec::preset(model, CompressorKind::csa_indexer);
+      if (small()) main_spec.hidden = idx_spec.hidden = 256;
+      std::mt19937_64 rng(std::random_device{}());
+      const auto wm = random_weights(main_spec, rng()), wi = random_weights(idx_spec, rng());
+      const Options opts{.device = Device::cuda(0), .precision = {score, DType::bf16}};
+      const Compressor main(main_spec, wm.view(main_spec), opts), indexer(idx_spec, wi.view(idx_spec), opts);
+      const CompressorGroup group({&main, &indexer});
+      const auto seqs = test::random_sequences(small() ? 3 : 10, 1, 150, main_spec.hidden, rng);
+      const auto schedule = test::small_step_schedule(seqs, rng, 256);
+      auto buffers = test::device_buffers(Device::cuda(0));
+      {
+        StatePool pm(main, 1), pi(indexer, 1);
+        Batch b;
+        b.add(0, 0, 3);
+        EXPECT_TRUE(group.plan({b, b}, {&pm, &pi}).fused());
+      }
+      const auto together = test::serve_group(group, seqs, schedule, *buffers);
+      const auto alone_main = test::serve(main, seqs, schedule, *buffers, rng);
+      const auto alone_idx = test::serve(indexer, seqs, schedule, *buffers, rng);
+      for (std::size_t i = 0; i < seqs.size(); ++i) {
+        EXPECT_EQ(together[0][i], alone_main.entries[i]) << "main, sequence " << i;
+        EXPECT_EQ(together[1][i], alone_idx.entries[i]) << "indexer, sequence " << i;
+      }
+    }
+}
+
 // A whole run captured in a CUDA graph, replayed with new x and a restored state: each replay
 // gives the same bits as an eager run on the same inputs, on a non-default stream.
 TEST(CudaGraph, CapturedRunReplaysWithNewInputs) {
   REQUIRE_GPU();
+  for (FusedDecode path : {FusedDecode::automatic, FusedDecode::off})
   for (CompressorKind kind : {CompressorKind::csa_main, CompressorKind::csa_indexer, CompressorKind::hca}) {
     CompressorSpec spec = CompressorSpec::preset(Model::flash, kind);
     if (small()) spec.hidden = 256;
     std::mt19937_64 rng(std::random_device{}());
     const RandomWeights w = random_weights(spec, rng());
-    const Compressor gpu(spec, w.view(spec), {.device = Device::cuda(0), .precision = {DType::bf16, DType::f32}});
+    const Compressor gpu(spec, w.view(spec),
+                         {.device = Device::cuda(0), .precision = {DType::bf16, DType::f32}, .fused_decode = path});
     const std::int64_t r = spec.ratio;
     // History: 8 requests at varied positions; then a step of 1..4 tokens each (decode and
     // multi-token decode), some completing windows.
@@ -172,6 +275,7 @@ TEST(CudaGraph, CapturedRunReplaysWithNewInputs) {
     const Plan plan = gpu.plan(step, graph_state);
     const std::int64_t entries = plan.num_entries();
     ASSERT_GT(entries, 0);
+    ASSERT_EQ(plan.fused(), path == FusedDecode::automatic) << "a decode step takes the fused path where allowed";
     Buffer x(Device::cuda(0), static_cast<std::size_t>(step_tokens * spec.hidden * 2));
     Buffer out(Device::cuda(0), static_cast<std::size_t>(entries * spec.head_dim * 2));
     cudaStream_t stream;
@@ -219,8 +323,8 @@ TEST(CudaGraph, CapturedRunReplaysWithNewInputs) {
   }
 }
 
-// A CSA layer's main and indexer compressors through one shared projection on the GPU: within
-// tolerance of each compressor alone, and bit-identical across splits.
+// A CSA layer's main and indexer compressors through one shared projection on the GPU (the
+// unfused path): within tolerance of each compressor alone, and bit-identical across splits.
 TEST(CudaGroup, SharedProjectionMatchesSoloAndSplits) {
   REQUIRE_GPU();
   for (DType score : {DType::f32, DType::bf16}) {
@@ -229,7 +333,7 @@ TEST(CudaGroup, SharedProjectionMatchesSoloAndSplits) {
     if (small()) main_spec.hidden = idx_spec.hidden = 256;
     std::mt19937_64 rng(std::random_device{}());
     const auto wm = random_weights(main_spec, rng()), wi = random_weights(idx_spec, rng());
-    const Options opts{.device = Device::cuda(0), .precision = {score, DType::f32}};
+    const Options opts{.device = Device::cuda(0), .precision = {score, DType::f32}, .fused_decode = FusedDecode::off};
     const Compressor main(main_spec, wm.view(main_spec), opts), indexer(idx_spec, wi.view(idx_spec), opts);
     const CompressorGroup group({&main, &indexer});
     const auto seqs = test::random_sequences(small() ? 3 : 8, 1, 150, main_spec.hidden, rng);

@@ -55,10 +55,21 @@ enum class WindowState {
   running,
 };
 
+// Whether a CUDA compressor may run a decode-shaped step (at most 256 tokens) as one fused
+// launch: projection, pooling, state update and epilogue together, streaming the weights
+// once. Its projection sums hidden in a fixed order of its own, so a token's entries may
+// differ from the unfused path's by rounding (within SPEC section 4); among steps that take
+// the same path, entries stay bit-identical however a sequence is split.
+enum class FusedDecode {
+  automatic,  // fused wherever it is faster (every supported step of at most 256 tokens)
+  off,        // always the unfused path: cuBLASLt projection, then the compress kernels
+};
+
 struct Options {
   Device device;  // where weights, state, x, cache and entries live
   Precision precision;
   WindowState window_state = WindowState::rows;
+  FusedDecode fused_decode = FusedDecode::automatic;
 };
 
 // One request's part of a batch.
@@ -135,6 +146,8 @@ class Plan {
   // Row of x where request i's tokens begin, and index of its first entry.
   std::int64_t token_offset(std::size_t request) const;
   std::int64_t entry_offset(std::size_t request) const;
+  // Whether the step runs as one fused launch (CUDA, Options::fused_decode).
+  bool fused() const;
 
   const detail::PlanData& data() const { return *data_; }
 
@@ -200,12 +213,15 @@ class GroupPlan {
  public:
   const std::vector<Plan>& plans() const { return plans_; }
   std::int64_t num_tokens() const { return plans_.empty() ? 0 : plans_[0].num_tokens(); }
+  // Whether every member runs in one fused launch.
+  bool fused() const { return fused_ != nullptr; }
 
  private:
   friend class CompressorGroup;
   const void* owner_ = nullptr;
   std::vector<Plan> plans_;
-  std::shared_ptr<void> rows_;
+  std::shared_ptr<void> rows_;   // the shared projection's output (unfused path)
+  std::shared_ptr<void> fused_;  // the members as one fused step, where the backend chose it
 };
 
 // Compressors that read the same x, such as a CSA layer's main and indexer compressors: one

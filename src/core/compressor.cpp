@@ -184,6 +184,8 @@ std::int64_t Plan::entry_offset(std::size_t request) const {
   return data_->entry_offsets.at(request);
 }
 
+bool Plan::fused() const { return data_ && data_->fused; }
+
 // --------------------------------------------------------------------------------- Compressor
 
 Compressor::Compressor(const CompressorSpec& spec, const Weights& weights, Options options)
@@ -197,7 +199,7 @@ Compressor::Compressor(const CompressorSpec& spec, const Weights& weights, Optio
   if (options_.device.type == DeviceType::cpu)
     backend_ = make_cpu_backend(spec_, host, options_.precision);
   else
-    backend_ = make_cuda_backend(spec_, host, options_.precision, options_.device.index);
+    backend_ = make_cuda_backend(spec_, host, options_);
 }
 
 Compressor::~Compressor() = default;

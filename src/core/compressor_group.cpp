@@ -63,7 +63,10 @@ GroupPlan CompressorGroup::plan(const std::vector<Batch>& batches, const std::ve
     if (!states[m]) reject("states[" + std::to_string(m) + "]: expected a state pool, got null");
     out.plans_.push_back(members_[m]->make_plan(batches[m], *states[m], /*own_rows=*/false));
   }
-  out.rows_ = projection_->allocate_rows(out.num_tokens());
+  std::vector<const detail::PlanData*> datas;
+  for (const Plan& p : out.plans_) datas.push_back(&p.data());
+  out.fused_ = projection_->prepare_fused(datas);
+  if (!out.fused_) out.rows_ = projection_->allocate_rows(out.num_tokens());
   out.owner_ = this;
   return out;
 }
@@ -76,6 +79,13 @@ void CompressorGroup::run(const GroupPlan& plan, const TensorView& x, const std:
   for (std::size_t m = 0; m < members_.size(); ++m) {
     if (!states[m]) reject("states[" + std::to_string(m) + "]: expected a state pool, got null");
     members_[m]->check_run(plan.plans_[m], x, *states[m], outputs[m]);
+  }
+  if (plan.fused_) {
+    std::vector<detail::StateData*> datas;
+    for (StatePool* s : states) datas.push_back(&s->data());
+    projection_->run_fused(plan.fused_.get(), x, datas, outputs, stream);
+    for (std::size_t m = 0; m < members_.size(); ++m) members_[m]->advance(plan.plans_[m], *states[m]);
+    return;
   }
   projection_->run(x, plan.rows_.get(), stream);
   const std::size_t elem = dtype_size(projection_->dtype());

@@ -29,6 +29,7 @@ struct PlanData {
   std::vector<std::int32_t> entry_request;  // request of each entry
   std::vector<std::int64_t> entry_window;   // window index of each entry within its request
   std::int64_t max_cache_location = -1;
+  bool fused = false;                       // set by a backend that runs the plan as one launch
   std::shared_ptr<void> backend_data;       // what a backend keeps per plan (device copies)
 
   std::int64_t num_tokens() const { return token_offsets.back(); }
@@ -77,6 +78,16 @@ class GroupProjection {
   virtual DType dtype() const = 0;         // storage dtype of the rows it writes
   virtual std::shared_ptr<void> allocate_rows(std::int64_t tokens) const = 0;
   virtual void run(const TensorView& x, void* rows, void* stream) const = 0;
+  // Backend data for running every member's plan as one fused step, or null where the
+  // members take the unfused path (projection, then each member's compress).
+  virtual std::shared_ptr<void> prepare_fused(const std::vector<const detail::PlanData*>& plans) const {
+    (void)plans;
+    return nullptr;
+  }
+  virtual void run_fused(const void* fused, const TensorView& x, const std::vector<detail::StateData*>& states,
+                         const std::vector<RunOutputs>& outputs, void* stream) const {
+    (void)fused, (void)x, (void)states, (void)outputs, (void)stream;
+  }
 };
 
 class Backend {
@@ -114,6 +125,6 @@ std::unique_ptr<Backend> make_cpu_backend(const CompressorSpec& spec, const Host
                                           Precision precision);
 // Throws dsv4::Error when this build has no CUDA backend or no usable GPU.
 std::unique_ptr<Backend> make_cuda_backend(const CompressorSpec& spec, const HostWeights& weights,
-                                           Precision precision, int device_index);
+                                           const Options& options);
 
 }  // namespace dsv4

@@ -5,9 +5,8 @@ namespace dsv4 {
 
 bool cuda_available() { return false; }
 
-std::unique_ptr<Backend> make_cuda_backend(const CompressorSpec&, const HostWeights&, Precision,
-                                           int device_index) {
-  throw Error("device: cuda:" + std::to_string(device_index) +
+std::unique_ptr<Backend> make_cuda_backend(const CompressorSpec&, const HostWeights&, const Options& options) {
+  throw Error("device: cuda:" + std::to_string(options.device.index) +
               " requested but this build has no CUDA backend (configure with the CUDA toolkit)");
 }
 

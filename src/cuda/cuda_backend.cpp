@@ -1,5 +1,7 @@
-// The CUDA backend: four stream-ordered steps per run, all on the caller's stream, with no
-// host synchronisation or allocation once the plan exists (so a run can be graph-captured):
+// The CUDA backend. Every run is stream-ordered on the caller's stream, with no host
+// synchronisation or allocation once the plan exists (so a run can be graph-captured).
+// A decode-shaped plan (at most 256 tokens) runs as one fused launch (fused_step.cu). Any
+// other plan runs four steps:
 //   1. projection GEMM (cuBLASLt) into the plan's kv_score workspace, fp32 or bf16;
 //   2. pool_windows: the gated softmax of every completed window into fp32 pooled values;
 //   3. update_state: the rows later calls need go into each request's ring (after 2 read them);
@@ -15,6 +17,7 @@
 #include "core/internal.hpp"
 #include "core/rope.hpp"
 #include "cuda/cuda_check.hpp"
+#include "cuda/fused_step.hpp"
 #include "cuda/kernels.hpp"
 #include "cuda/projection.hpp"
 
@@ -35,19 +38,74 @@ std::shared_ptr<void> device_copy(int device, const std::vector<T>& host) {
   return p;
 }
 
-// What a plan keeps on the device: its arrays and the kv_score workspace.
+// A plan's fused step: everything but the run's tensors, and the workspace (partial sums,
+// then the kernel's counters, zeroed once and reset by every launch).
+struct FusedPlan {
+  std::shared_ptr<void> workspace;
+  cuda::FusedStep step;
+  int blocks = 0;
+  bool pdl = false;  // programmatic dependent launch (sm_90 and later)
+};
+
+std::shared_ptr<FusedPlan> make_fused_plan(int device, const std::vector<cuda::FusedMember>& members,
+                                           std::int64_t tokens, std::int64_t hidden) {
+  auto fp = std::make_shared<FusedPlan>();
+  cuda::FusedStep& f = fp->step;
+  f.tokens = static_cast<int>(tokens);
+  f.tokens_cap = static_cast<int>((tokens + 7) / 8 * 8);
+  f.hidden = static_cast<int>(hidden);
+  f.members = static_cast<int>(members.size());
+  for (std::size_t k = 0; k < members.size(); ++k) {
+    f.m[k] = members[k];
+    f.m[k].first_row_block = f.row_blocks;
+    f.m[k].first_entry = f.entries;
+    f.row_blocks += members[k].row_blocks;
+    f.entries += members[k].p.num_entries;
+  }
+  const std::size_t partial_bytes = cuda::fused_partial_floats(f) * 4;
+  const std::size_t bytes = partial_bytes + cuda::fused_counter_count(f) * 4;
+  void* p = cuda_malloc(device, bytes);
+  fp->workspace = std::shared_ptr<void>(p, [device](void* q) { cuda_free(device, q); });
+  cuda_fill(device, static_cast<char*>(p) + partial_bytes, 0, bytes - partial_bytes);
+  f.partials = static_cast<float*>(p);
+  f.counters = reinterpret_cast<unsigned*>(static_cast<char*>(p) + partial_bytes);
+  fp->blocks = cuda::fused_prepare_launch(f, device);
+  int major = 0;
+  DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  fp->pdl = major >= 9;
+  return fp;
+}
+
+// The run's tensors into a copy of the fused step, then the launch.
+void run_fused_plan(int device, const FusedPlan& fp, const TensorView& x, const std::vector<cuda::StateView>& states,
+                    const std::vector<RunOutputs>& outputs, cudaStream_t stream) {
+  cuda::DeviceGuard guard(device);
+  cuda::FusedStep f = fp.step;
+  f.x = static_cast<const std::uint16_t*>(x.data);
+  for (int k = 0; k < f.members; ++k) {
+    f.m[k].st = states[static_cast<std::size_t>(k)];
+    const RunOutputs& o = outputs[static_cast<std::size_t>(k)];
+    f.m[k].cache = o.cache ? o.cache->as<std::uint8_t>() : nullptr;
+    f.m[k].entries = o.entries ? o.entries->as<std::uint16_t>() : nullptr;
+  }
+  cuda::launch_fused_step(f, fp.blocks, fp.pdl, stream);
+}
+
+// What a plan keeps on the device: its arrays, the kv_score workspace (unfused path) or the
+// fused step.
 struct CudaPlan {
   std::shared_ptr<void> arrays;
   std::shared_ptr<void> kv_score;
   std::shared_ptr<void> pooled;  // [entries, head_dim] fp32
   cuda::DevicePlan view;
+  std::shared_ptr<FusedPlan> fused;
 };
 
 class CudaBackend final : public Backend {
  public:
-  CudaBackend(const CompressorSpec& spec, const HostWeights& weights, Precision precision, int device)
-      : spec_(spec), precision_(precision), device_(device),
-        projection_(device, spec.projection_width(), spec.hidden, precision.kv_score) {
+  CudaBackend(const CompressorSpec& spec, const HostWeights& weights, const Options& options)
+      : spec_(spec), options_(options), precision_(options.precision), device_(options.device.index),
+        projection_(device_, spec.projection_width(), spec.hidden, precision_.kv_score) {
     cuda::DeviceGuard guard(device_);
     wkv_gate_ = device_copy(device_, weights.wkv_gate);
     ape_ = device_copy(device_, weights.ape);
@@ -59,7 +117,7 @@ class CudaBackend final : public Backend {
     consts_.overlap = spec.overlap();
     consts_.rotate = spec.rotate;
     consts_.fp8 = spec.entry_format == EntryFormat::fp8_ds;
-    consts_.round_bf16 = precision.kv_score == DType::bf16 || precision.state == DType::bf16;
+    consts_.round_bf16 = precision_.kv_score == DType::bf16 || precision_.state == DType::bf16;
     consts_.eps = spec.rms_eps;
     consts_.entry_bytes = spec.entry_bytes();
     consts_.ape = static_cast<const float*>(ape_.get());
@@ -98,7 +156,11 @@ class CudaBackend final : public Backend {
     cp->view.num_requests = static_cast<int>(b);
     cp->view.num_entries = static_cast<int>(e);
     cp->pooled = device_alloc(device_, static_cast<std::size_t>(std::max<std::int64_t>(plan.num_entries(), 1) * spec_.head_dim) * 4);
-    if (own_rows)
+    if (own_rows && fused_wins(plan)) {
+      cp->fused = make_fused_plan(device_, {fused_member(*cp, wkv_gate_.get())}, plan.num_tokens(), spec_.hidden);
+      plan.fused = true;
+    }
+    else if (own_rows)
       cp->kv_score = device_alloc(device_, static_cast<std::size_t>(plan.num_tokens() * spec_.projection_width()) *
                                                dtype_size(precision_.kv_score));
     plan.backend_data = cp;
@@ -108,6 +170,10 @@ class CudaBackend final : public Backend {
            void* stream) const override {
     cuda::DeviceGuard guard(device_);
     const auto& cp = *static_cast<const CudaPlan*>(plan.backend_data.get());
+    if (cp.fused) {
+      run_fused_plan(device_, *cp.fused, x, {state_view(state)}, {outputs}, static_cast<cudaStream_t>(stream));
+      return;
+    }
     const std::int64_t width = spec_.projection_width();
     projection_.run(x.data, plan.num_tokens(), wkv_gate_.get(), cp.kv_score.get(), width,
                     static_cast<cudaStream_t>(stream));
@@ -120,8 +186,7 @@ class CudaBackend final : public Backend {
     const auto stream = static_cast<cudaStream_t>(stream_ptr);
     const auto& cp = *static_cast<const CudaPlan*>(plan.backend_data.get());
     const cuda::KvScoreView kv{rows.data, rows.dtype, rows.ld};
-    const cuda::StateView st{state.memory, precision_.state, state.slot_bytes, state.ring_rows, state.row_elems,
-                             state.running};
+    const cuda::StateView st = state_view(state);
     auto* pooled = static_cast<float*>(cp.pooled.get());
     cuda::launch_pool_windows(consts_, cp.view, kv, st, pooled, stream);
     cuda::launch_update_state(consts_, cp.view, kv, st, stream);
@@ -135,8 +200,40 @@ class CudaBackend final : public Backend {
   const CompressorSpec& spec() const { return spec_; }
   const void* projection_weights() const override { return wkv_gate_.get(); }
 
+  // Whether this plan runs faster as one fused launch (fused_step.hpp).
+  bool fused_wins(const detail::PlanData& plan) const {
+    if (options_.fused_decode != FusedDecode::automatic) return false;
+    if (plan.num_tokens() < 1 || plan.num_tokens() > cuda::kFusedMaxTokens) return false;
+    if (!cuda::fused_shape_supported(static_cast<int>(spec_.ratio), static_cast<int>(spec_.head_dim), spec_.overlap(),
+                                     spec_.hidden))
+      return false;
+    // Ratio 128 with stored rows pools up to 128 rows per entry; the fused step pools a row
+    // block's channels of every entry in one block, so past a few entries the unfused pooling
+    // (8 blocks of 8 groups per entry) is faster.
+    if (!spec_.overlap() && options_.window_state == WindowState::rows && plan.num_entries() > 16) return false;
+    return true;
+  }
+
+  // This compressor as a member of a fused step over the weights at `w`.
+  cuda::FusedMember fused_member(const CudaPlan& cp, const void* w) const {
+    cuda::FusedMember m;
+    m.w = static_cast<const std::uint16_t*>(w);
+    m.c = consts_;
+    m.p = cp.view;
+    m.pooled = static_cast<float*>(cp.pooled.get());
+    m.row_blocks = static_cast<int>(spec_.head_dim / (spec_.overlap() ? 16 : 32));
+    return m;
+  }
+
+  cuda::StateView state_view(const detail::StateData& state) const {
+    return {state.memory, precision_.state, state.slot_bytes, state.ring_rows, state.row_elems, state.running};
+  }
+
+  int device() const { return device_; }
+
  private:
   CompressorSpec spec_;
+  Options options_;
   Precision precision_;
   int device_;
   cuda::Projection projection_;
@@ -144,11 +241,14 @@ class CudaBackend final : public Backend {
   cuda::CompressorConsts consts_;
 };
 
-// x @ [w_1; w_2; ...]^T in one cuBLASLt call over the members' concatenated weights.
+// x @ [w_1; w_2; ...]^T in one cuBLASLt call over the members' concatenated weights, or, for
+// decode-shaped plans, every member in one fused step over the same weights.
 class CudaGroupProjection final : public GroupProjection {
  public:
-  CudaGroupProjection(int device, std::shared_ptr<void> w, std::int64_t width, std::int64_t hidden, DType dtype)
-      : device_(device), w_(std::move(w)), width_(width), dtype_(dtype), projection_(device, width, hidden, dtype) {}
+  CudaGroupProjection(int device, std::shared_ptr<void> w, std::int64_t width, std::int64_t hidden, DType dtype,
+                      std::vector<const CudaBackend*> members)
+      : device_(device), w_(std::move(w)), width_(width), hidden_(hidden), dtype_(dtype),
+        projection_(device, width, hidden, dtype), members_(std::move(members)) {}
   std::int64_t width() const override { return width_; }
   DType dtype() const override { return dtype_; }
   std::shared_ptr<void> allocate_rows(std::int64_t tokens) const override {
@@ -159,12 +259,34 @@ class CudaGroupProjection final : public GroupProjection {
     projection_.run(x.data, x.shape[0], w_.get(), rows, width_, static_cast<cudaStream_t>(stream));
   }
 
+  std::shared_ptr<void> prepare_fused(const std::vector<const detail::PlanData*>& plans) const override {
+    if (members_.size() > static_cast<std::size_t>(cuda::kFusedMaxMembers)) return nullptr;
+    std::vector<cuda::FusedMember> fm;
+    std::int64_t row = 0;
+    for (std::size_t k = 0; k < members_.size(); ++k) {
+      if (!members_[k]->fused_wins(*plans[k])) return nullptr;
+      const auto& cp = *static_cast<const CudaPlan*>(plans[k]->backend_data.get());
+      fm.push_back(members_[k]->fused_member(cp, static_cast<const char*>(w_.get()) + row * hidden_ * 2));
+      row += members_[k]->spec().projection_width();
+    }
+    cuda::DeviceGuard guard(device_);
+    return make_fused_plan(device_, fm, plans[0]->num_tokens(), hidden_);
+  }
+
+  void run_fused(const void* fused, const TensorView& x, const std::vector<detail::StateData*>& states,
+                 const std::vector<RunOutputs>& outputs, void* stream) const override {
+    std::vector<cuda::StateView> views;
+    for (std::size_t k = 0; k < members_.size(); ++k) views.push_back(members_[k]->state_view(*states[k]));
+    run_fused_plan(device_, *static_cast<const FusedPlan*>(fused), x, views, outputs, static_cast<cudaStream_t>(stream));
+  }
+
  private:
   int device_;
   std::shared_ptr<void> w_;
-  std::int64_t width_;
+  std::int64_t width_, hidden_;
   DType dtype_;
   cuda::Projection projection_;
+  std::vector<const CudaBackend*> members_;
 };
 
 std::unique_ptr<GroupProjection> CudaBackend::make_group_projection(const std::vector<const Backend*>& members) const {
@@ -172,25 +294,28 @@ std::unique_ptr<GroupProjection> CudaBackend::make_group_projection(const std::v
   for (const Backend* m : members) width += static_cast<const CudaBackend&>(*m).spec().projection_width();
   auto w = device_alloc(device_, static_cast<std::size_t>(width * spec_.hidden) * 2);
   std::int64_t row = 0;
+  std::vector<const CudaBackend*> cuda_members;
   for (const Backend* m : members) {
     const auto& c = static_cast<const CudaBackend&>(*m);
+    cuda_members.push_back(&c);
     const std::size_t bytes = static_cast<std::size_t>(c.spec().projection_width() * spec_.hidden) * 2;
     cuda_copy(device_, static_cast<char*>(w.get()) + row * spec_.hidden * 2, c.projection_weights(), bytes);
     row += c.spec().projection_width();
   }
-  return std::make_unique<CudaGroupProjection>(device_, std::move(w), width, spec_.hidden, precision_.kv_score);
+  return std::make_unique<CudaGroupProjection>(device_, std::move(w), width, spec_.hidden, precision_.kv_score,
+                                               std::move(cuda_members));
 }
 
 }  // namespace
 
-std::unique_ptr<Backend> make_cuda_backend(const CompressorSpec& spec, const HostWeights& weights, Precision precision,
-                                           int device_index) {
+std::unique_ptr<Backend> make_cuda_backend(const CompressorSpec& spec, const HostWeights& weights, const Options& options) {
+  const int device_index = options.device.index;
   int count = 0;
   if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0)
     throw Error("device: cuda:" + std::to_string(device_index) + " requested but no usable GPU is present");
   if (device_index < 0 || device_index >= count)
     throw Error("device: expected cuda:0..cuda:" + std::to_string(count - 1) + ", got cuda:" + std::to_string(device_index));
-  return std::make_unique<CudaBackend>(spec, weights, precision, device_index);
+  return std::make_unique<CudaBackend>(spec, weights, options);
 }
 
 }  // namespace dsv4

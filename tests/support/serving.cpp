@@ -90,6 +90,30 @@ Schedule random_schedule(const std::vector<Sequence>& seqs, std::mt19937_64& rng
   return schedule;
 }
 
+Schedule small_step_schedule(const std::vector<Sequence>& seqs, std::mt19937_64& rng, std::int64_t max_call_tokens) {
+  std::vector<std::int64_t> left;
+  for (const auto& s : seqs) left.push_back(s.length);
+  Schedule schedule;
+  std::bernoulli_distribution joins(0.8);
+  std::uniform_int_distribution<int> kind(0, 9);
+  while (std::any_of(left.begin(), left.end(), [](std::int64_t l) { return l > 0; })) {
+    std::vector<std::pair<std::size_t, std::int64_t>> step;
+    std::int64_t room = max_call_tokens;
+    for (std::size_t i = 0; i < seqs.size() && room > 0; ++i) {
+      if (left[i] == 0 || !joins(rng)) continue;
+      const int k = kind(rng);
+      std::int64_t take = k < 5 ? 1 : k < 9 ? std::uniform_int_distribution<std::int64_t>(2, 8)(rng)
+                                            : std::uniform_int_distribution<std::int64_t>(9, 64)(rng);
+      take = std::min({take, left[i], room});
+      step.emplace_back(i, take);
+      left[i] -= take;
+      room -= take;
+    }
+    if (!step.empty()) schedule.push_back(std::move(step));
+  }
+  return schedule;
+}
+
 Schedule arrival_schedule(const std::vector<Sequence>& seqs, std::mt19937_64& rng, std::size_t max_active) {
   std::vector<std::int64_t> left;
   for (const auto& s : seqs) left.push_back(s.length);

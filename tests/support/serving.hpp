@@ -40,6 +40,10 @@ Schedule random_schedule(const std::vector<Sequence>& seqs, std::mt19937_64& rng
 // when another finishes, so slots are freed and reused throughout. Many small batches.
 Schedule arrival_schedule(const std::vector<Sequence>& seqs, std::mt19937_64& rng, std::size_t max_active);
 
+// Decode-shaped calls only: each takes 1 token (most), 2..8 or 9..64 tokens from some of the
+// sequences, never more than `max_call_tokens` in all (the fused path's range).
+Schedule small_step_schedule(const std::vector<Sequence>& seqs, std::mt19937_64& rng, std::int64_t max_call_tokens);
+
 struct Served {
   std::vector<std::vector<std::uint16_t>> entries;  // per sequence, bf16 [L / ratio, head_dim]
   std::vector<std::vector<std::uint8_t>> cache;     // per sequence, its rows of the paged cache

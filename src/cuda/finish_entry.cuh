@@ -1,0 +1,104 @@
+// The epilogue of one completed window, shared by finish_entries and the fused decode step:
+// RMSNorm of the bf16-rounded pooled values, RoPE, Walsh-Hadamard rotation, fp8 packing and the
+// store into the caller's cache row (and the bf16 entry, when asked for). Run by a whole block
+// of kFinishThreads threads.
+#pragma once
+
+#include "core/rope.hpp"
+#include "cuda/device_utils.cuh"
+#include "cuda/kernels.hpp"
+
+namespace dsv4::cuda {
+
+constexpr int kFinishThreads = 128;
+constexpr int kFinishMaxHeadDim = 1024;
+
+// `v` is kFinishMaxHeadDim floats and `scratch` 32 floats of shared memory. `pooled` may have
+// been written by other blocks of the same kernel, so it is read past L1.
+__device__ __forceinline__ void finish_entry(const CompressorConsts& c, const DevicePlan& p, const float* pooled,
+                                             std::uint8_t* cache, std::uint16_t* entries, std::int64_t e, float* v,
+                                             float* scratch) {
+  constexpr int kPerThread = kFinishMaxHeadDim / kFinishThreads;
+  const int i = request_of(p, e);
+  const std::int64_t w = p.start[i] / c.ratio + (e - p.entry_offset[i]);
+  const int hd = c.head_dim;
+  float acc[kPerThread];
+#pragma unroll
+  for (int k = 0; k < kPerThread; ++k) {
+    const int d = threadIdx.x + k * kFinishThreads;
+    acc[k] = d < hd ? __ldcg(pooled + e * hd + d) : 0.0f;
+  }
+
+  // RMSNorm of the bf16-rounded pooled values.
+  float sq = 0.0f;
+#pragma unroll
+  for (int k = 0; k < kPerThread; ++k) {
+    const int d = threadIdx.x + k * kFinishThreads;
+    if (d < hd) {
+      acc[k] = num::round_to_bf16(acc[k]);
+      sq += acc[k] * acc[k];
+    }
+  }
+  const float inv_rms = 1.0f / sqrtf(block_sum(sq, scratch) / static_cast<float>(hd) + c.eps);
+#pragma unroll
+  for (int k = 0; k < kPerThread; ++k) {
+    const int d = threadIdx.x + k * kFinishThreads;
+    if (d < hd) v[d] = num::round_to_bf16(acc[k] * inv_rms * c.norm[d]);
+  }
+  __syncthreads();
+
+  // RoPE on the last rope_dim dims, interleaved pairs; the window's first token is its position.
+  const int nope = hd - c.rope_dim;
+  for (int r = threadIdx.x; r < c.rope_dim / 2; r += kFinishThreads) {
+    float cs, sn;
+    rope_cos_sin(w * c.ratio, c.inv_freq[r], &cs, &sn);
+    const float a = v[nope + 2 * r], b = v[nope + 2 * r + 1];
+    v[nope + 2 * r] = num::round_to_bf16(a * cs - b * sn);
+    v[nope + 2 * r + 1] = num::round_to_bf16(a * sn + b * cs);
+  }
+  __syncthreads();
+
+  if (c.rotate) {  // Walsh-Hadamard butterflies, the same pairs in the same order as the CPU
+    for (int h = 1; h < hd; h *= 2) {
+      for (int t = threadIdx.x; t < hd / 2; t += kFinishThreads) {
+        const int j = (t / h) * 2 * h + (t % h);
+        const float a = v[j], b = v[j + h];
+        v[j] = a + b;
+        v[j + h] = a - b;
+      }
+      __syncthreads();
+    }
+    const float scale = 1.0f / sqrtf(static_cast<float>(hd));
+    for (int d = threadIdx.x; d < hd; d += kFinishThreads) v[d] = num::round_to_bf16(v[d] * scale);
+    __syncthreads();
+  }
+
+  if (entries)
+    for (int d = threadIdx.x; d < hd; d += kFinishThreads) entries[e * hd + d] = num::bf16_from_f32(v[d]);
+  if (!cache) return;
+  std::uint8_t* row = cache + p.cache_location[e] * c.entry_bytes;
+  if (!c.fp8) {
+    auto* dst = reinterpret_cast<std::uint16_t*>(row);
+    for (int d = threadIdx.x; d < hd; d += kFinishThreads) dst[d] = num::bf16_from_f32(v[d]);
+    for (std::int64_t b = 2 * hd + threadIdx.x; b < c.entry_bytes; b += kFinishThreads) row[b] = 0;
+    return;
+  }
+  // fp8 blocks of 64 dims: one warp per block, two dims per lane.
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int blocks = nope / 64;
+  const std::int64_t scale_offset = nope + 2 * c.rope_dim;
+  for (int b = warp; b < blocks; b += kFinishThreads / 32) {
+    const float x0 = v[b * 64 + lane], x1 = v[b * 64 + 32 + lane];
+    const float amax = warp_max(fmaxf(fabsf(x0), fabsf(x1)));
+    const int exponent = num::fp8_scale_exponent(amax);
+    const float inv_scale = num::exp2_int(-exponent);
+    row[b * 64 + lane] = num::e4m3_from_f32(x0 * inv_scale);
+    row[b * 64 + 32 + lane] = num::e4m3_from_f32(x1 * inv_scale);
+    if (lane == 0) row[scale_offset + b] = num::ue8m0_from_exponent(exponent);
+  }
+  auto* rope_dst = reinterpret_cast<std::uint16_t*>(row + nope);
+  for (int d = threadIdx.x; d < c.rope_dim; d += kFinishThreads) rope_dst[d] = num::bf16_from_f32(v[nope + d]);
+  for (std::int64_t b = scale_offset + blocks + threadIdx.x; b < c.entry_bytes; b += kFinishThreads) row[b] = 0;
+}
+
+}  // namespace dsv4::cuda

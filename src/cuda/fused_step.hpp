@@ -1,0 +1,64 @@
+// The fused decode step: one launch that projects x through the weights of one or two
+// compressors (a CSA layer's main and indexer share x), forms kv_score on chip, pools every
+// completed window, updates the state, and finishes and stores the entries.
+//
+// The projection's arithmetic is fixed whatever the batch: hidden is cut into kSlices equal
+// slices, each slice's dot product runs on tensor cores from zero in a fixed k order, and the
+// slices' partial sums are added in slice order. So a token's kv_score bits never depend on
+// the other tokens of the step, and the split invariance of SPEC section 3 holds among steps
+// that take this path.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/kernels.hpp"
+
+namespace dsv4::cuda {
+
+constexpr int kFusedSlices = 8;       // slices of hidden, summed in order
+constexpr int kFusedMaxMembers = 2;
+constexpr int kFusedMaxTokens = 256;  // larger steps take the unfused path
+constexpr int kFusedRowsPerBlock = 64;  // weight rows a work item streams (4 warps x 16)
+constexpr int kFusedThreads = 128;
+
+struct FusedMember {
+  const std::uint16_t* w = nullptr;  // bf16 [2*coff*head_dim, hidden], kv rows first
+  CompressorConsts c;
+  DevicePlan p;
+  StateView st;
+  float* pooled = nullptr;           // [entries, head_dim]
+  std::uint8_t* cache = nullptr;     // may be null
+  std::uint16_t* entries = nullptr;  // may be null
+  int row_blocks = 0;                // head_dim / channels per block
+  int first_row_block = 0;           // among all members' row blocks
+  int first_entry = 0;               // among all members' entries
+};
+
+struct FusedStep {
+  const std::uint16_t* x = nullptr;  // bf16 [tokens, hidden]
+  int tokens = 0;
+  int hidden = 0;
+  int tokens_per_pass = 0;  // tokens whose x slice is staged in shared memory at once
+  int members = 0;
+  FusedMember m[kFusedMaxMembers];
+  int row_blocks = 0;  // all members
+  int entries = 0;     // all members
+  float* partials = nullptr;      // [row_blocks][kFusedSlices][kFusedRowsPerBlock][tokens_cap]
+  unsigned* counters = nullptr;   // see fused_counter_count; zero between launches
+  int tokens_cap = 0;             // tokens rounded up to 8
+};
+
+// Whether a compressor of this shape can take the fused path.
+bool fused_shape_supported(int ratio, int head_dim, bool overlap, std::int64_t hidden);
+std::size_t fused_counter_count(const FusedStep& f);
+std::size_t fused_partial_floats(const FusedStep& f);
+// Fills tokens_per_pass and returns the blocks to launch (the kernel is persistent: it never
+// launches more blocks than can be resident at once).
+int fused_prepare_launch(FusedStep& f, int device);
+// Launches with programmatic dependent launch, so that the weight loads of this step may
+// start while the previous kernel in the stream finishes.
+void launch_fused_step(const FusedStep& f, int blocks, bool pdl, cudaStream_t stream);
+
+}  // namespace dsv4::cuda
