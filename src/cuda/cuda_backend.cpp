@@ -134,8 +134,9 @@ class CudaBackend final : public Backend {
   void prepare(detail::PlanData& plan, bool own_rows) const override {
     cuda::DeviceGuard guard(device_);
     const std::size_t b = plan.requests.size(), e = static_cast<std::size_t>(plan.num_entries());
-    // One array: slot, start, num_tokens [b]; token_offset, entry_offset [b + 1]; locations [e].
-    std::vector<std::int64_t> host(3 * b + 2 * (b + 1) + e);
+    // One array: slot, start, num_tokens [b]; token_offset, entry_offset [b + 1]; locations,
+    // entry_request [e].
+    std::vector<std::int64_t> host(3 * b + 2 * (b + 1) + 2 * e);
     for (std::size_t i = 0; i < b; ++i) {
       host[i] = plan.requests[i].slot;
       host[b + i] = plan.requests[i].start;
@@ -144,6 +145,7 @@ class CudaBackend final : public Backend {
     std::copy(plan.token_offsets.begin(), plan.token_offsets.end(), host.begin() + static_cast<std::ptrdiff_t>(3 * b));
     std::copy(plan.entry_offsets.begin(), plan.entry_offsets.end(), host.begin() + static_cast<std::ptrdiff_t>(4 * b + 1));
     std::copy(plan.cache_locations.begin(), plan.cache_locations.end(), host.begin() + static_cast<std::ptrdiff_t>(5 * b + 2));
+    std::copy(plan.entry_request.begin(), plan.entry_request.end(), host.begin() + static_cast<std::ptrdiff_t>(5 * b + 2 + e));
     auto cp = std::make_shared<CudaPlan>();
     cp->arrays = device_copy(device_, host);
     const auto* base = static_cast<const std::int64_t*>(cp->arrays.get());
@@ -153,6 +155,7 @@ class CudaBackend final : public Backend {
     cp->view.token_offset = base + 3 * b;
     cp->view.entry_offset = base + 4 * b + 1;
     cp->view.cache_location = base + 5 * b + 2;
+    cp->view.entry_request = base + 5 * b + 2 + e;
     cp->view.num_requests = static_cast<int>(b);
     cp->view.num_entries = static_cast<int>(e);
     cp->pooled = device_alloc(device_, static_cast<std::size_t>(std::max<std::int64_t>(plan.num_entries(), 1) * spec_.head_dim) * 4);

@@ -45,17 +45,8 @@ __device__ __forceinline__ float block_sum(float v, float* scratch /* 32 floats 
   return total;
 }
 
-// The request an entry belongs to: the last request whose entry_offset <= e (requests that
-// complete no window share their offset with the next one).
-__device__ __forceinline__ int request_of(const DevicePlan& p, std::int64_t e) {
-  int lo = 0, hi = p.num_requests - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (p.entry_offset[mid] <= e) lo = mid;
-    else hi = mid - 1;
-  }
-  return lo;
-}
+// The request an entry belongs to (the plan lists it, so no search sits on the latency path).
+__device__ __forceinline__ int request_of(const DevicePlan& p, std::int64_t e) { return static_cast<int>(p.entry_request[e]); }
 
 // Online softmax over one channel's tokens: running max, sum and weighted sum. merge() folds
 // in another partial; both give the same result as one pass up to rounding.

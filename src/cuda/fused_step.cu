@@ -157,7 +157,18 @@ __device__ float pool_channel(const FusedMember& mb, const float* vals, int cap,
   };
   const int slots = c.overlap ? 2 * c.ratio : c.ratio;
   int first = (c.overlap && w == 0) ? c.ratio : 0;
-  if (c.overlap) {  // pool_windows' one-slot groups, merged in slot order
+  if (c.overlap && slots == 8) {  // ratio 4: the 8 slots' values gathered first, so their loads overlap
+    float logit[8], value[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+      if (j >= first) slot_at(j, logit[j], value[j]);
+    Softmax total;  // pool_windows' one-slot groups, merged in slot order
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+      if (j >= first) total.merge(Softmax{logit[j], 1.0f, value[j]});
+    return total.a / total.s;
+  }
+  if (c.overlap) {
     Softmax total;
     for (int j = first; j < slots; ++j) {
       float logit, value;
@@ -196,42 +207,75 @@ __device__ void finish_row_block(const FusedStep& f, const FusedMember& mb, int 
   const int m_tokens = f.tokens, cap = f.tokens_cap;
   const float* partial = f.partials + static_cast<std::int64_t>(rb_global) * kFusedSlices * kFusedRowsPerBlock * cap;
   const std::int64_t slice_stride = static_cast<std::int64_t>(kFusedRowsPerBlock) * cap;
-  for (int idx = threadIdx.x; idx < kFusedRowsPerBlock * m_tokens; idx += kFusedThreads) {
-    const int r = idx / m_tokens, tok = idx % m_tokens;
-    const float* q = partial + r * cap + tok;
-    float v = __ldcg(q);
+  // Four tokens a load (tokens_cap is a multiple of 8 and every partial below it is written),
+  // two rows a thread at once: 16 loads in flight per thread.
+  const int quads = cap / 4, work = kFusedRowsPerBlock * quads;
+  const bool round = mb.c.round_bf16;
+  auto sum4 = [&](int idx) {
+    const float4* q = reinterpret_cast<const float4*>(partial + (idx / quads) * cap) + idx % quads;
+    float4 v = __ldcg(q);
 #pragma unroll
-    for (int s = 1; s < kFusedSlices; ++s) v += __ldcg(q + s * slice_stride);
-    vals[r * cap + tok] = mb.c.round_bf16 ? num::round_to_bf16(v) : v;
+    for (int s = 1; s < kFusedSlices; ++s) {
+      const float4 u = __ldcg(q + s * slice_stride / 4);
+      v.x += u.x, v.y += u.y, v.z += u.z, v.w += u.w;
+    }
+    if (round) v = make_float4(num::round_to_bf16(v.x), num::round_to_bf16(v.y), num::round_to_bf16(v.z), num::round_to_bf16(v.w));
+    reinterpret_cast<float4*>(vals + (idx / quads) * cap)[idx % quads] = v;
+  };
+  for (int idx = threadIdx.x; idx < work; idx += 2 * kFusedThreads) {
+    sum4(idx);
+    if (idx + kFusedThreads < work) sum4(idx + kFusedThreads);
   }
+  (void)m_tokens;
   __syncthreads();
 
   const CompressorConsts& c = mb.c;
   const DevicePlan& p = mb.p;
   const int ch = channels_per_block(c.overlap), hd = c.head_dim;
-  for (int idx = threadIdx.x; idx < p.num_entries * ch; idx += kFusedThreads) {
-    const int e = idx / ch, d = rb * ch + idx % ch;
-    mb.pooled[static_cast<std::int64_t>(e) * hd + d] = pool_channel(mb, vals, cap, rb, e, d);
+  // Four (entry, channel) pairs a thread at once, stored after all four: no store sits between
+  // their loads, so the loads of the four overlap.
+  constexpr int kPairs = 4;
+  const int pairs = p.num_entries * ch;
+  for (int base = threadIdx.x; base < pairs; base += kPairs * kFusedThreads) {
+    float out[kPairs];
+#pragma unroll
+    for (int k = 0; k < kPairs; ++k) {
+      const int idx = base + k * kFusedThreads;
+      if (idx < pairs) out[k] = pool_channel(mb, vals, cap, rb, idx / ch, rb * ch + idx % ch);
+    }
+#pragma unroll
+    for (int k = 0; k < kPairs; ++k) {
+      const int idx = base + k * kFusedThreads;
+      if (idx < pairs) mb.pooled[static_cast<std::int64_t>(idx / ch) * hd + rb * ch + idx % ch] = out[k];
+    }
   }
   __syncthreads();  // pooling has read the state this block's channels are about to overwrite
 
-  if (mb.st.running) {  // update_running_kernel, for this block's channels
-    for (int idx = threadIdx.x; idx < p.num_requests * ch; idx += kFusedThreads) {
-      const int i = idx / ch, d = rb * ch + idx % ch;
-      const std::int64_t start = p.start[i], end = start + p.num_tokens[i], tok0 = p.token_offset[i];
-      if (end % c.ratio == 0) continue;
-      const std::int64_t w0 = (end / c.ratio) * c.ratio;
-      float* acc = reinterpret_cast<float*>(static_cast<char*>(mb.st.data) + p.slot[i] * mb.st.slot_bytes);
-      Softmax sm;
-      if (w0 < start) sm = Softmax{__ldcg(acc + d), __ldcg(acc + hd + d), __ldcg(acc + 2 * hd + d)};
-      for (std::int64_t q = max(w0, start); q < end; ++q) {
-        const float score = vals[block_row(c, rb, hd + d) * cap + tok0 + (q - start)];
-        const float value = vals[block_row(c, rb, d) * cap + tok0 + (q - start)];
-        sm.add(score + c.ape[(q - w0) * hd + d], value);
+  if (mb.st.running) {  // update_running_kernel, for this block's channels, four pairs at once
+    const int pairs = p.num_requests * ch;
+    for (int base = threadIdx.x; base < pairs; base += kPairs * kFusedThreads) {
+      Softmax sm[kPairs];
+      float* acc[kPairs] = {};
+#pragma unroll
+      for (int k = 0; k < kPairs; ++k) {
+        const int idx = base + k * kFusedThreads;
+        if (idx >= pairs) continue;
+        const int i = idx / ch, d = rb * ch + idx % ch;
+        const std::int64_t start = p.start[i], end = start + p.num_tokens[i], tok0 = p.token_offset[i];
+        if (end % c.ratio == 0) continue;
+        const std::int64_t w0 = (end / c.ratio) * c.ratio;
+        float* a = reinterpret_cast<float*>(static_cast<char*>(mb.st.data) + p.slot[i] * mb.st.slot_bytes);
+        acc[k] = a + d;
+        if (w0 < start) sm[k] = Softmax{__ldcg(a + d), __ldcg(a + hd + d), __ldcg(a + 2 * hd + d)};
+        for (std::int64_t q = max(w0, start); q < end; ++q) {
+          const float score = vals[block_row(c, rb, hd + d) * cap + tok0 + (q - start)];
+          const float value = vals[block_row(c, rb, d) * cap + tok0 + (q - start)];
+          sm[k].add(score + c.ape[(q - w0) * hd + d], value);
+        }
       }
-      acc[d] = sm.m;
-      acc[hd + d] = sm.s;
-      acc[2 * hd + d] = sm.a;
+#pragma unroll
+      for (int k = 0; k < kPairs; ++k)
+        if (acc[k]) acc[k][0] = sm[k].m, acc[k][hd] = sm[k].s, acc[k][2 * hd] = sm[k].a;
     }
   } else {  // update_state_kernel, for this block's columns
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -248,7 +292,7 @@ __device__ void finish_row_block(const FusedStep& f, const FusedMember& mb, int 
   }
 }
 
-__global__ void __launch_bounds__(kFusedThreads, 4) fused_step_kernel(const __grid_constant__ FusedStep f) {
+__global__ void __launch_bounds__(kFusedThreads, 3) fused_step_kernel(const __grid_constant__ FusedStep f) {
   extern __shared__ uint4 smem[];
   __shared__ int s_ticket;
   __shared__ bool s_last;

@@ -20,6 +20,7 @@ struct DevicePlan {
   const std::int64_t* token_offset = nullptr;  // [requests + 1]: rows of x / kv_score
   const std::int64_t* entry_offset = nullptr;  // [requests + 1]: entries completed before
   const std::int64_t* cache_location = nullptr;  // [entries]
+  const std::int64_t* entry_request = nullptr;   // [entries]: the request each entry belongs to
   int num_requests = 0;
   int num_entries = 0;
 };
