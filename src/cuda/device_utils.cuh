@@ -89,6 +89,14 @@ __device__ __forceinline__ uint4 load_once(const void* p) {
   return v;
 }
 
+// Asynchronous 16-byte copy global -> shared (sm_80 and later), past L1; many can be in
+// flight per thread. cp_async_wait_all() waits for this thread's copies.
+__device__ __forceinline__ void cp_async_16(void* shared_dst, const void* global_src) {
+  const auto dst = static_cast<std::uint32_t>(__cvta_generic_to_shared(shared_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(global_src) : "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
 // Programmatic dependent launch (sm_90): wait until the previous kernel in the stream has
 // finished and its writes are visible; let the next kernel start launching. No-ops before sm_90.
 __device__ __forceinline__ void wait_for_previous_kernel() {

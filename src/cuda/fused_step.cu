@@ -63,11 +63,12 @@ __device__ void stage_x(const FusedStep& f, int pass0, int n, int slice, std::ui
   const std::uint16_t* src = f.x + static_cast<std::int64_t>(pass0) * f.hidden + slice * ks;
   for (int idx = threadIdx.x; idx < rows * chunks; idx += kFusedThreads) {
     const int tok = idx / chunks, c8 = idx % chunks;
-    // x is 16-byte aligned (Compressor::run checks it) and hidden is a multiple of 256.
-    const uint4 v = tok < n ? *reinterpret_cast<const uint4*>(src + static_cast<std::int64_t>(tok) * f.hidden + c8 * 8)
-                            : make_uint4(0, 0, 0, 0);
-    *reinterpret_cast<uint4*>(xs + tok * stride + c8 * 8) = v;
+    // x is 16-byte aligned (Compressor::run checks it) and hidden is a multiple of 256. The
+    // copies are asynchronous so that all of them are in flight at once.
+    if (tok < n) cp_async_16(xs + tok * stride + c8 * 8, src + static_cast<std::int64_t>(tok) * f.hidden + c8 * 8);
+    else *reinterpret_cast<uint4*>(xs + tok * stride + c8 * 8) = make_uint4(0, 0, 0, 0);
   }
+  cp_async_wait_all();
 }
 
 // One projection item: rows of row block `rb` of member `mb`, hidden slice `slice`, every
