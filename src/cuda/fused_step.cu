@@ -25,7 +25,10 @@ namespace {
 
 constexpr int kWarps = kFusedThreads / 32;
 constexpr int kMaxTiles = 8;   // 8-token tiles per pass: at most 64 tokens per pass
-constexpr int kLoadBatch = 8;  // 32-wide k blocks a warp loads at once: 8 KB per warp in flight
+constexpr int kLoadBatch = 4;  // 32-wide k blocks per register buffer: 4 KB per warp, two buffers
+// Padding of a staged x row: 64 bytes, so that a row is 64 bytes past a multiple of 128 and
+// the 8 lanes of each phase of a 16-byte shared load (2 tokens x 4 k offsets) hit distinct banks.
+constexpr int kXPad = 32;
 constexpr int kCounterTicket = 0, kCounterExits = 1, kCounterMemberDone = 2,
               kCounterRowBlocks = 2 + kFusedMaxMembers;
 
@@ -79,16 +82,37 @@ __device__ void stage_x(const FusedStep& f, int pass0, int n, int slice, std::ui
 __device__ void project_item(const FusedStep& f, const FusedMember& mb, int rb, int slice, float* out,
                              std::uint16_t* xs, bool& waited) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int ks = f.hidden / kFusedSlices, nblocks = ks / 32, stride = ks + 8;
+  const int ks = f.hidden / kFusedSlices, nblocks = ks / 32, stride = ks + kXPad;
   const std::int64_t row = block_column(mb.c, rb, 16 * warp) + g;
   const std::uint16_t* w0 = mb.w + row * f.hidden + slice * ks + 8 * t;
   const std::uint16_t* w8 = w0 + 8 * static_cast<std::int64_t>(f.hidden);
   for (int pass0 = 0; pass0 < f.tokens; pass0 += f.tokens_per_pass) {
     const int n = min(f.tokens_per_pass, f.tokens - pass0), tiles = (n + 7) / 8;
-    uint4 a[kLoadBatch][2];
+    // Two register buffers of kLoadBatch k blocks: one is loading while the other is used.
+    uint4 a[kLoadBatch][2], b[kLoadBatch][2];
+    auto load = [&](uint4 (&r)[kLoadBatch][2], int kb0) {
 #pragma unroll
-    for (int j = 0; j < kLoadBatch; ++j)
-      if (j < nblocks) a[j][0] = load_once(w0 + j * 32), a[j][1] = load_once(w8 + j * 32);
+      for (int j = 0; j < kLoadBatch; ++j)
+        if (kb0 + j < nblocks) r[j][0] = load_once(w0 + (kb0 + j) * 32), r[j][1] = load_once(w8 + (kb0 + j) * 32);
+    };
+    float acc[kMaxTiles][4] = {};
+    auto multiply = [&](const uint4 (&r)[kLoadBatch][2], int kb0) {
+#pragma unroll
+      for (int j = 0; j < kLoadBatch; ++j) {
+        if (kb0 + j < nblocks) {
+          const std::uint16_t* xk = xs + g * stride + (kb0 + j) * 32 + 8 * t;
+#pragma unroll
+          for (int tile = 0; tile < kMaxTiles; ++tile) {
+            if (tile < tiles) {
+              const uint4 x = *reinterpret_cast<const uint4*>(xk + tile * 8 * stride);
+              mma_bf16_16x8x16(acc[tile], r[j][0].x, r[j][1].x, r[j][0].y, r[j][1].y, x.x, x.y);
+              mma_bf16_16x8x16(acc[tile], r[j][0].z, r[j][1].z, r[j][0].w, r[j][1].w, x.z, x.w);
+            }
+          }
+        }
+      }
+    };
+    load(a, 0);
     if (!waited) {  // weights never change; x, state and counters may come from the kernel before
       wait_for_previous_kernel();
       waited = true;
@@ -96,27 +120,11 @@ __device__ void project_item(const FusedStep& f, const FusedMember& mb, int rb, 
     __syncthreads();  // the previous pass or item is done with xs
     stage_x(f, pass0, n, slice, xs, stride);
     __syncthreads();
-    float acc[kMaxTiles][4] = {};
-    for (int kb0 = 0; kb0 < nblocks; kb0 += kLoadBatch) {
-      if (kb0 > 0) {
-#pragma unroll
-        for (int j = 0; j < kLoadBatch; ++j)
-          if (kb0 + j < nblocks) a[j][0] = load_once(w0 + (kb0 + j) * 32), a[j][1] = load_once(w8 + (kb0 + j) * 32);
-      }
-#pragma unroll
-      for (int j = 0; j < kLoadBatch; ++j) {
-        if (kb0 + j < nblocks) {
-        const std::uint16_t* xk = xs + g * stride + (kb0 + j) * 32 + 8 * t;
-#pragma unroll
-        for (int tile = 0; tile < kMaxTiles; ++tile) {
-          if (tile < tiles) {
-          const uint4 b = *reinterpret_cast<const uint4*>(xk + tile * 8 * stride);
-          mma_bf16_16x8x16(acc[tile], a[j][0].x, a[j][1].x, a[j][0].y, a[j][1].y, b.x, b.y);
-          mma_bf16_16x8x16(acc[tile], a[j][0].z, a[j][1].z, a[j][0].w, a[j][1].w, b.z, b.w);
-          }
-        }
-        }
-      }
+    for (int kb0 = 0; kb0 < nblocks; kb0 += 2 * kLoadBatch) {
+      if (kb0 + kLoadBatch < nblocks) load(b, kb0 + kLoadBatch);
+      multiply(a, kb0);
+      if (kb0 + 2 * kLoadBatch < nblocks) load(a, kb0 + 2 * kLoadBatch);
+      if (kb0 + kLoadBatch < nblocks) multiply(b, kb0 + kLoadBatch);
     }
 #pragma unroll
     for (int tile = 0; tile < kMaxTiles; ++tile) {
@@ -362,7 +370,7 @@ __global__ void __launch_bounds__(kFusedThreads, 3) fused_step_kernel(const __gr
 
 std::size_t shared_bytes(const FusedStep& f) {
   const std::size_t ks = static_cast<std::size_t>(f.hidden / kFusedSlices);
-  const std::size_t x_bytes = static_cast<std::size_t>(f.tokens_per_pass) * (ks + 8) * 2;
+  const std::size_t x_bytes = static_cast<std::size_t>(f.tokens_per_pass) * (ks + kXPad) * 2;
   const std::size_t vals_bytes = static_cast<std::size_t>(kFusedRowsPerBlock) * f.tokens_cap * 4;
   const std::size_t finish_bytes = (kFinishMaxHeadDim + 32) * 4;
   return std::max({x_bytes, vals_bytes, finish_bytes});
@@ -385,7 +393,7 @@ std::size_t fused_partial_floats(const FusedStep& f) {
 int fused_prepare_launch(FusedStep& f, int device) {
   // As many tokens per pass as fit 72 KiB of staged x (Flash: 64, Pro: 40), in 8-token tiles.
   const int ks = f.hidden / kFusedSlices;
-  const int fit = (72 * 1024 / ((ks + 8) * 2)) / 8 * 8;
+  const int fit = (72 * 1024 / ((ks + kXPad) * 2)) / 8 * 8;
   f.tokens_per_pass = std::max(8, std::min({kMaxTiles * 8, f.tokens_cap, fit}));
   const std::size_t smem = shared_bytes(f);
   DSV4_CUDA_CHECK(cudaFuncSetAttribute(fused_step_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
