@@ -15,8 +15,9 @@ namespace dsv4::bench {
 // The paths compared. (a) is the path the project removes: a bf16 GEMM, a separate
 // bf16->fp32 cast kernel, compress reading fp32. (b) compress reads the bf16 GEMM output.
 // (c) the GEMM writes fp32. (d) the project's best path.
-enum class Variant { cast, bf16_direct, f32_gemm, best };
-constexpr int kVariants = 4;
+// (e) the fused decode step forced on (FusedDecode::always) where it applies (<= 256 tokens).
+enum class Variant { cast, bf16_direct, f32_gemm, best, fused };
+constexpr int kVariants = 5;
 const char* variant_key(Variant v);
 const char* variant_label(Variant v);
 

@@ -18,6 +18,7 @@ const char* variant_key(Variant v) {
     case Variant::bf16_direct: return "b_bf16_gemm_direct";
     case Variant::f32_gemm: return "c_f32_gemm";
     case Variant::best: return "d_best";
+    case Variant::fused: return "e_fused_forced";
   }
   return "?";
 }
@@ -28,6 +29,7 @@ const char* variant_label(Variant v) {
     case Variant::bf16_direct: return "(b) bf16 GEMM read directly";
     case Variant::f32_gemm: return "(c) fp32-output GEMM";
     case Variant::best: return "(d) dsv4 (HCA: running state)";
+    case Variant::fused: return "(e) dsv4, fused step forced";
   }
   return "?";
 }

@@ -185,8 +185,9 @@ struct Member {
   CompressorSpec spec;
   std::vector<std::unique_ptr<Compressor>> f32, bf16;  // copies: kv_score f32 / bf16 (state f32)
   std::vector<std::unique_ptr<Compressor>> best;       // (d): bf16 kv_score, running state for HCA
-  std::unique_ptr<StatePool> pool_f, pool_b, pool_best;
-  std::vector<Plan> plan_f, plan_b, plan_best;
+  std::vector<std::unique_ptr<Compressor>> fused;      // (e): as (d), FusedDecode::always
+  std::unique_ptr<StatePool> pool_f, pool_b, pool_best, pool_fused;
+  std::vector<Plan> plan_f, plan_b, plan_best, plan_fused;
   std::unique_ptr<Buffer> cache, rows_b, rows_f;
   std::unique_ptr<LibraryGemm> gemm_b, gemm_f;
   Batch step;
@@ -253,11 +254,14 @@ Report run_gpu(const Options& o, const std::vector<std::string>& models, const s
             m.bf16.push_back(std::make_unique<Compressor>(m.spec, w, dsv4::Options{Device::cuda(0), {DType::bf16, DType::f32}}));
             m.best.push_back(std::make_unique<Compressor>(
                 m.spec, w, dsv4::Options{Device::cuda(0), {DType::bf16, DType::f32}, best_state}));
+            m.fused.push_back(std::make_unique<Compressor>(
+                m.spec, w, dsv4::Options{Device::cuda(0), {DType::bf16, DType::f32}, best_state, FusedDecode::always}));
           }
           const auto requests = step_requests(sc, m.spec.ratio);
           m.pool_f = std::make_unique<StatePool>(*m.f32[0], static_cast<std::int64_t>(requests.size()));
           m.pool_b = std::make_unique<StatePool>(*m.bf16[0], static_cast<std::int64_t>(requests.size()));
           m.pool_best = std::make_unique<StatePool>(*m.best[0], static_cast<std::int64_t>(requests.size()));
+          m.pool_fused = std::make_unique<StatePool>(*m.fused[0], static_cast<std::int64_t>(requests.size()));
           const Batch prefix = batch_of(requests, m.spec.ratio, true);
           m.step = batch_of(requests, m.spec.ratio, false);
           const std::int64_t e = std::max<std::int64_t>(1, entries_of(m.step));
@@ -272,6 +276,7 @@ Report run_gpu(const Options& o, const std::vector<std::string>& models, const s
             m.f32[0]->forward(prefix, px.view(DType::bf16, {prefix_tokens, hidden}), *m.pool_f, pout);
             m.bf16[0]->forward(prefix, px.view(DType::bf16, {prefix_tokens, hidden}), *m.pool_b, pout);
             m.best[0]->forward(prefix, px.view(DType::bf16, {prefix_tokens, hidden}), *m.pool_best, pout);
+            m.fused[0]->forward(prefix, px.view(DType::bf16, {prefix_tokens, hidden}), *m.pool_fused, pout);
             DSV4_CUDA_CHECK(cudaDeviceSynchronize());
           }
           m.out.cache = m.cache->view(DType::u8, {scratch_rows, m.spec.entry_bytes()});
@@ -279,6 +284,7 @@ Report run_gpu(const Options& o, const std::vector<std::string>& models, const s
             m.plan_f.push_back(m.f32[k]->plan(m.step, *m.pool_f));
             m.plan_b.push_back(m.bf16[k]->plan(m.step, *m.pool_b));
             m.plan_best.push_back(m.best[k]->plan(m.step, *m.pool_best));
+            m.plan_fused.push_back(m.fused[k]->plan(m.step, *m.pool_fused));
           }
           const std::int64_t width = m.spec.projection_width();
           m.rows_b = std::make_unique<Buffer>(Device::cuda(0), static_cast<std::size_t>(tokens * width * 2));
@@ -309,33 +315,49 @@ Report run_gpu(const Options& o, const std::vector<std::string>& models, const s
         for (Variant v : {Variant::cast, Variant::bf16_direct, Variant::f32_gemm})
           row.us[static_cast<int>(v)] = time_steps(stream, copies, reps, [&](int k) { library_step(v, k); });
 
-        if (ms.size() == 1) {
-          Member& m = ms[0];
-          row.us[3] = time_steps(stream, copies, reps, [&](int k) {
-            m.best[k]->backend().run(m.plan_best[k].data(), xv, m.pool_best->data(), m.out, stream);
-          });
-        } else {  // the CSA layer: one shared projection per copy (CompressorGroup)
+        // (d) the library's own choice, (e) the fused step forced where it applies.
+        auto measure_library = [&](Variant v) {
+          const bool forced = v == Variant::fused;
+          if (ms.size() == 1) {
+            Member& m = ms[0];
+            auto& cs = forced ? m.fused : m.best;
+            auto& plans = forced ? m.plan_fused : m.plan_best;
+            auto& pool = forced ? *m.pool_fused : *m.pool_best;
+            if (forced && !plans[0].fused()) return;
+            row.us[static_cast<int>(v)] = time_steps(stream, copies, reps, [&](int k) {
+              cs[k]->backend().run(plans[k].data(), xv, pool.data(), m.out, stream);
+            });
+            return;
+          }
+          // The CSA layer: one shared projection (or one fused step) per copy (CompressorGroup).
           std::vector<std::unique_ptr<CompressorGroup>> groups;
           std::vector<std::unique_ptr<StatePool>> pools;  // [copy][member]
           std::vector<GroupPlan> plans;
           for (int k = 0; k < copies; ++k) {
-            groups.push_back(std::make_unique<CompressorGroup>(
-                std::vector<const Compressor*>{ms[0].bf16[k].get(), ms[1].bf16[k].get()}));
+            const Compressor* a = (forced ? ms[0].fused : ms[0].best)[k].get();
+            const Compressor* b = (forced ? ms[1].fused : ms[1].best)[k].get();
+            groups.push_back(std::make_unique<CompressorGroup>(std::vector<const Compressor*>{a, b}));
             std::vector<const StatePool*> states;
-            for (Member& m : ms) {
+            for (std::size_t j = 0; j < ms.size(); ++j) {
+              Member& m = ms[j];
+              const StatePool& from = forced ? *m.pool_fused : *m.pool_best;
               // Each copy gets its own pools, cloned (memory and positions) from the member's.
-              pools.push_back(std::make_unique<StatePool>(*m.bf16[k], m.pool_b->num_slots()));
+              pools.push_back(std::make_unique<StatePool>(j == 0 ? *a : *b, from.num_slots()));
               const TensorView mem = pools.back()->memory();
-              DSV4_CUDA_CHECK(cudaMemcpy(mem.data, m.pool_b->memory().data, mem.nbytes(), cudaMemcpyDeviceToDevice));
-              pools.back()->data().next_position = m.pool_b->data().next_position;
+              DSV4_CUDA_CHECK(cudaMemcpy(mem.data, from.memory().data, mem.nbytes(), cudaMemcpyDeviceToDevice));
+              pools.back()->data().next_position = from.data().next_position;
               states.push_back(pools.back().get());
             }
             plans.push_back(groups.back()->plan({ms[0].step, ms[1].step}, states));
           }
-          row.us[3] = time_steps(stream, copies, reps, [&](int k) {
+          if (forced && !plans[0].fused()) return;
+          row.us[static_cast<int>(v)] = time_steps(stream, copies, reps, [&](int k) {
             groups[k]->run(plans[k], xv, {pools[2 * k].get(), pools[2 * k + 1].get()}, {ms[0].out, ms[1].out}, stream);
           });
-        }
+        };
+        row.us[static_cast<int>(Variant::fused)] = NAN;
+        measure_library(Variant::best);
+        measure_library(Variant::fused);
         report.rows.push_back(row);
       }
     }

@@ -151,17 +151,25 @@ TEST_P(CudaFused, DecodeStepsMatchCpuAndSplitsAreBitIdentical) {
                                     : test::random_sequences(n, 100, 400, spec.hidden, rng);
   for (WindowState ws : {WindowState::rows, WindowState::running}) {
     if (ws == WindowState::running && spec.overlap()) continue;
-    const Options fused{.device = Device::cuda(0), .precision = c.precision, .window_state = ws};
-    Options unfused = fused;
+    const Options fused{.device = Device::cuda(0), .precision = c.precision, .window_state = ws,
+                        .fused_decode = FusedDecode::always};
+    Options unfused = fused, automatic = fused;
     unfused.fused_decode = FusedDecode::off;
+    automatic.fused_decode = FusedDecode::automatic;
     const Compressor gpu(spec, w.view(spec), fused), gpu_unfused(spec, w.view(spec), unfused);
     const Compressor cpu(spec, w.view(spec), {.precision = c.precision, .window_state = ws});
     {  // the path chosen for a decode step
       StatePool pool(gpu, 1);
-      Batch b;
-      b.add(0, 0, 1);
-      EXPECT_TRUE(gpu.plan(b, pool).fused());
-      EXPECT_FALSE(gpu_unfused.plan(b, pool).fused());
+      Batch one, many;
+      one.add(0, 0, 1);
+      many.add(0, 0, 200);
+      EXPECT_TRUE(gpu.plan(one, pool).fused());
+      EXPECT_TRUE(gpu.plan(many, pool).fused());
+      EXPECT_FALSE(gpu_unfused.plan(one, pool).fused());
+      const Compressor chooser(spec, w.view(spec), automatic);
+      StatePool pool_a(chooser, 1);
+      EXPECT_TRUE(chooser.plan(one, pool_a).fused()) << "the automatic choice fuses a one-token step";
+      EXPECT_FALSE(chooser.plan(many, pool_a).fused()) << "and leaves 200 tokens to the unfused path";
     }
     auto gb = test::device_buffers(Device::cuda(0));
     auto hb = test::host_buffers();
@@ -211,7 +219,7 @@ TEST(CudaFusedGroup, OneLaunchMatchesMembersAloneBitForBit) {
       if (small()) main_spec.hidden = idx_spec.hidden = 256;
       std::mt19937_64 rng(std::random_device{}());
       const auto wm = random_weights(main_spec, rng()), wi = random_weights(idx_spec, rng());
-      const Options opts{.device = Device::cuda(0), .precision = {score, DType::bf16}};
+      const Options opts{.device = Device::cuda(0), .precision = {score, DType::bf16}, .fused_decode = FusedDecode::always};
       const Compressor main(main_spec, wm.view(main_spec), opts), indexer(idx_spec, wi.view(idx_spec), opts);
       const CompressorGroup group({&main, &indexer});
       const auto seqs = test::random_sequences(small() ? 3 : 10, 1, 150, main_spec.hidden, rng);
@@ -237,7 +245,7 @@ TEST(CudaFusedGroup, OneLaunchMatchesMembersAloneBitForBit) {
 // gives the same bits as an eager run on the same inputs, on a non-default stream.
 TEST(CudaGraph, CapturedRunReplaysWithNewInputs) {
   REQUIRE_GPU();
-  for (FusedDecode path : {FusedDecode::automatic, FusedDecode::off})
+  for (FusedDecode path : {FusedDecode::always, FusedDecode::off})
   for (CompressorKind kind : {CompressorKind::csa_main, CompressorKind::csa_indexer, CompressorKind::hca}) {
     CompressorSpec spec = CompressorSpec::preset(Model::flash, kind);
     if (small()) spec.hidden = 256;
@@ -275,7 +283,7 @@ TEST(CudaGraph, CapturedRunReplaysWithNewInputs) {
     const Plan plan = gpu.plan(step, graph_state);
     const std::int64_t entries = plan.num_entries();
     ASSERT_GT(entries, 0);
-    ASSERT_EQ(plan.fused(), path == FusedDecode::automatic) << "a decode step takes the fused path where allowed";
+    ASSERT_EQ(plan.fused(), path == FusedDecode::always) << "a decode step takes the fused path where allowed";
     Buffer x(Device::cuda(0), static_cast<std::size_t>(step_tokens * spec.hidden * 2));
     Buffer out(Device::cuda(0), static_cast<std::size_t>(entries * spec.head_dim * 2));
     cudaStream_t stream;

@@ -61,7 +61,8 @@ enum class WindowState {
 // differ from the unfused path's by rounding (within SPEC section 4); among steps that take
 // the same path, entries stay bit-identical however a sequence is split.
 enum class FusedDecode {
-  automatic,  // fused wherever it is faster (every supported step of at most 256 tokens)
+  automatic,  // fused where measured faster (docs/PERF.md): supported steps of few tokens
+  always,     // fused for every supported step of at most 256 tokens (tests, benchmarks)
   off,        // always the unfused path: cuBLASLt projection, then the compress kernels
 };
 

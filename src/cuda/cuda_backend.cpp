@@ -38,6 +38,9 @@ std::shared_ptr<void> device_copy(int device, const std::vector<T>& host) {
   return p;
 }
 
+// The automatic choice takes the fused step up to this many tokens.
+constexpr std::int64_t kFusedAutoMaxTokens = 8;
+
 // A plan's fused step: everything but the run's tensors, and the workspace (partial sums,
 // then the kernel's counters, zeroed once and reset by every launch).
 struct FusedPlan {
@@ -205,8 +208,11 @@ class CudaBackend final : public Backend {
 
   // Whether this plan runs faster as one fused launch (fused_step.hpp).
   bool fused_wins(const detail::PlanData& plan) const {
-    if (options_.fused_decode != FusedDecode::automatic) return false;
+    if (options_.fused_decode == FusedDecode::off) return false;
     if (plan.num_tokens() < 1 || plan.num_tokens() > cuda::kFusedMaxTokens) return false;
+    // Measured on the H100 (docs/PERF.md): the fused step wins at a few tokens and loses from
+    // 64 on, where the blocks that finish a row block spend too long on it.
+    if (options_.fused_decode == FusedDecode::automatic && plan.num_tokens() > kFusedAutoMaxTokens) return false;
     if (!cuda::fused_shape_supported(static_cast<int>(spec_.ratio), static_cast<int>(spec_.head_dim), spec_.overlap(),
                                      spec_.hidden))
       return false;
