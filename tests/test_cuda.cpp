@@ -163,6 +163,7 @@ TEST_P(CudaFused, DecodeStepsMatchCpuAndSplitsAreBitIdentical) {
       Batch one, many;
       one.add(0, 0, 1);
       many.add(0, 0, 200);
+      for (std::int64_t k = 0; k < windows_completed(0, 200, spec.ratio); ++k) many.cache_locations.push_back(k);
       EXPECT_TRUE(gpu.plan(one, pool).fused());
       EXPECT_TRUE(gpu.plan(many, pool).fused());
       EXPECT_FALSE(gpu_unfused.plan(one, pool).fused());
