@@ -213,8 +213,7 @@ class CudaBackend final : public Backend {
     // Measured on the H100 (docs/PERF.md): the fused step wins at a few tokens and loses from
     // 64 on, where the blocks that finish a row block spend too long on it.
     if (options_.fused_decode == FusedDecode::automatic && plan.num_tokens() > kFusedAutoMaxTokens) return false;
-    if (!cuda::fused_shape_supported(static_cast<int>(spec_.ratio), static_cast<int>(spec_.head_dim), spec_.overlap(),
-                                     spec_.hidden))
+    if (!cuda::fused_shape_supported(static_cast<int>(spec_.head_dim), spec_.hidden))
       return false;
     // Ratio 128 with stored rows pools up to 128 rows per entry; the fused step pools a row
     // block's channels of every entry in one block, so past a few entries the unfused pooling

@@ -48,6 +48,19 @@ __device__ __forceinline__ float block_sum(float v, float* scratch /* 32 floats 
 // The request an entry belongs to (the plan lists it, so no search sits on the latency path).
 __device__ __forceinline__ int request_of(const DevicePlan& p, std::int64_t e) { return static_cast<int>(p.entry_request[e]); }
 
+// Where slot j of window w reads (SPEC section 2): the token's position, the first kv_score
+// column of its channel half, and its row of ape. Ratio 128: the window's tokens. Ratio 4:
+// slots 0..3 the previous window's tokens on half 0, slots 4..7 the current window's on half 1.
+struct WindowSlot {
+  std::int64_t position, channel0;
+  int ape_row;
+};
+__device__ __forceinline__ WindowSlot window_slot(const CompressorConsts& c, std::int64_t w, int j) {
+  if (!c.overlap) return {w * c.ratio + j, 0, j};
+  if (j < c.ratio) return {(w - 1) * c.ratio + j, 0, j};
+  return {w * c.ratio + (j - c.ratio), c.head_dim, j - c.ratio};
+}
+
 // Online softmax over one channel's tokens: running max, sum and weighted sum. merge() folds
 // in another partial; both give the same result as one pass up to rounding.
 struct Softmax {

@@ -152,17 +152,9 @@ __device__ float pool_channel(const FusedMember& mb, const float* vals, int cap,
     return state_value(mb.st, slot, (position & (mb.st.ring_rows - 1)) * mb.st.width + col);
   };
   auto slot_at = [&](int j, float& logit, float& value) {
-    std::int64_t position, channel0;
-    int ape_row;
-    if (!c.overlap) {
-      position = w * c.ratio + j, channel0 = 0, ape_row = j;
-    } else if (j < c.ratio) {
-      position = (w - 1) * c.ratio + j, channel0 = 0, ape_row = j;
-    } else {
-      position = w * c.ratio + (j - c.ratio), channel0 = hd, ape_row = j - c.ratio;
-    }
-    logit = at(position, half + channel0 + d) + c.ape[ape_row * half + channel0 + d];
-    value = at(position, channel0 + d);
+    const WindowSlot s = window_slot(c, w, j);
+    logit = at(s.position, half + s.channel0 + d) + c.ape[s.ape_row * half + s.channel0 + d];
+    value = at(s.position, s.channel0 + d);
   };
   const int slots = c.overlap ? 2 * c.ratio : c.ratio;
   int first = (c.overlap && w == 0) ? c.ratio : 0;
@@ -213,7 +205,7 @@ __device__ float pool_channel(const FusedMember& mb, const float* vals, int cap,
 // The last block to finish a row block: kv_score of its columns for every token (slices added
 // in order, rounded as the storage dtype would), pooling of its channels, then the state.
 __device__ void finish_row_block(const FusedStep& f, const FusedMember& mb, int rb_global, int rb, float* vals) {
-  const int m_tokens = f.tokens, cap = f.tokens_cap;
+  const int cap = f.tokens_cap;
   const float* partial = f.partials + static_cast<std::int64_t>(rb_global) * kFusedSlices * kFusedRowsPerBlock * cap;
   const std::int64_t slice_stride = static_cast<std::int64_t>(kFusedRowsPerBlock) * cap;
   // Four tokens a load (tokens_cap is a multiple of 8 and every partial below it is written),
@@ -235,7 +227,6 @@ __device__ void finish_row_block(const FusedStep& f, const FusedMember& mb, int 
     sum4(idx);
     if (idx + kFusedThreads < work) sum4(idx + kFusedThreads);
   }
-  (void)m_tokens;
   __syncthreads();
 
   const CompressorConsts& c = mb.c;
@@ -378,9 +369,7 @@ std::size_t shared_bytes(const FusedStep& f) {
 
 }  // namespace
 
-bool fused_shape_supported(int ratio, int head_dim, bool overlap, std::int64_t hidden) {
-  (void)ratio;
-  (void)overlap;
+bool fused_shape_supported(int head_dim, std::int64_t hidden) {
   return hidden % (kFusedSlices * 32) == 0 && head_dim % 32 == 0 && head_dim <= kFinishMaxHeadDim;
 }
 

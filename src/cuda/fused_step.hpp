@@ -51,7 +51,7 @@ struct FusedStep {
 };
 
 // Whether a compressor of this shape can take the fused path.
-bool fused_shape_supported(int ratio, int head_dim, bool overlap, std::int64_t hidden);
+bool fused_shape_supported(int head_dim, std::int64_t hidden);
 std::size_t fused_counter_count(const FusedStep& f);
 std::size_t fused_partial_floats(const FusedStep& f);
 // Fills tokens_per_pass and returns the blocks to launch (the kernel is persistent: it never

@@ -76,17 +76,9 @@ __global__ void __launch_bounds__(kChannels * kGroups) pool_windows_kernel(Compr
   }
   // The value and logit of slot j.
   auto slot_at = [&](int j, float& logit, float& value) {
-    std::int64_t position, channel0;
-    int ape_row;
-    if (!c.overlap) {
-      position = w * c.ratio + j, channel0 = 0, ape_row = j;
-    } else if (j < c.ratio) {
-      position = (w - 1) * c.ratio + j, channel0 = 0, ape_row = j;
-    } else {
-      position = w * c.ratio + (j - c.ratio), channel0 = hd, ape_row = j - c.ratio;
-    }
-    logit = src.at(position, half + channel0 + d) + c.ape[ape_row * half + channel0 + d];
-    value = src.at(position, channel0 + d);
+    const WindowSlot s = window_slot(c, w, j);
+    logit = src.at(s.position, half + s.channel0 + d) + c.ape[s.ape_row * half + s.channel0 + d];
+    value = src.at(s.position, s.channel0 + d);
   };
   if (d < hd) {
     if (groups == 1) {
