@@ -209,6 +209,60 @@ TEST_P(CudaFused, DecodeStepsMatchCpuAndSplitsAreBitIdentical) {
 INSTANTIATE_TEST_SUITE_P(AllModelsKindsPrecisions, CudaFused, ::testing::ValuesIn(cases({Model::flash, Model::pro})),
                          case_name);
 
+// Decode steps of many requests: the fused step cuts each row block's pooling into groups of
+// 16 or 32 requests, so these steps (about 57 and 32 requests) cross several groups. Bits equal
+// across two schedules (rows state); within SPEC section 4 of the CPU and of the unfused path.
+TEST(CudaFusedWide, ManyRequestsPerStepMatchCpuAndUnfused) {
+  REQUIRE_GPU();
+  for (CompressorKind kind : {CompressorKind::csa_main, CompressorKind::csa_indexer, CompressorKind::hca})
+    for (WindowState ws : {WindowState::rows, WindowState::running}) {
+      auto spec = CompressorSpec::preset(Model::flash, kind);
+      if (ws == WindowState::running && spec.overlap()) continue;
+      if (small()) spec.hidden = 256;
+      std::mt19937_64 rng(std::random_device{}());
+      const RandomWeights w = random_weights(spec, rng());
+      const auto seqs = spec.ratio == 4 ? test::random_sequences(small() ? 40 : 72, 1, 48, spec.hidden, rng)
+                                        : test::random_sequences(small() ? 20 : 40, 130, 300, spec.hidden, rng);
+      const Precision precision{DType::bf16, DType::f32};
+      const Options fused{.device = Device::cuda(0), .precision = precision, .window_state = ws,
+                          .fused_decode = FusedDecode::always};
+      Options unfused = fused;
+      unfused.fused_decode = FusedDecode::off;
+      const Compressor gpu(spec, w.view(spec), fused), gpu_unfused(spec, w.view(spec), unfused);
+      const Compressor cpu(spec, w.view(spec), {.precision = precision, .window_state = ws});
+      const auto a = test::small_step_schedule(seqs, rng, 256), b = test::small_step_schedule(seqs, rng, 256);
+      std::size_t widest = 0;
+      for (const auto& step : a) widest = std::max(widest, step.size());
+      ASSERT_GT(widest, spec.overlap() ? 32u : 16u) << "the schedule must cross several request groups";
+      auto gb = test::device_buffers(Device::cuda(0));
+      auto hb = test::host_buffers();
+      const test::Served ga = test::serve(gpu, seqs, a, *gb, rng);
+      const test::Served gb2 = test::serve(gpu, seqs, b, *gb, rng);
+      const test::Served un = test::serve(gpu_unfused, seqs, test::random_schedule(seqs, rng), *gb, rng);
+      const test::Served h = test::serve(cpu, seqs, a, *hb, rng);
+      ASSERT_EQ(ga.problems, "");
+      ASSERT_EQ(gb2.problems, "");
+      std::vector<std::uint16_t> got;
+      std::vector<double> host, other_path;
+      for (std::size_t i = 0; i < seqs.size(); ++i) {
+        if (ws == WindowState::rows) {
+          EXPECT_EQ(ga.cache[i], gb2.cache[i]) << "sequence " << i;
+        }
+        EXPECT_EQ(test::check_stored_entries(spec, ga.entries[i], ga.cache[i], seqs[i].length / spec.ratio), "");
+        got.insert(got.end(), ga.entries[i].begin(), ga.entries[i].end());
+        for (auto v : h.entries[i]) host.push_back(num::f32_from_bf16(v));
+        for (auto v : un.entries[i]) other_path.push_back(num::f32_from_bf16(v));
+      }
+      ASSERT_FALSE(host.empty());
+      const double tol = test::tolerance(precision);
+      std::printf("    %s%s: %zu steps, widest %zu requests, vs CPU %.3g, vs unfused %.3g\n", std::string(kind_name(kind)).c_str(),
+                  ws == WindowState::running ? " running" : "", a.size(), widest, test::relative_l2(got, host),
+                  test::relative_l2(got, other_path));
+      EXPECT_LE(test::relative_l2(got, host), tol);
+      EXPECT_LE(test::relative_l2(got, other_path), tol);
+    }
+}
+
 // A CSA layer's main and indexer in one fused launch give the same bits as each compressor's
 // own fused step, for decode-shaped schedules.
 TEST(CudaFusedGroup, OneLaunchMatchesMembersAloneBitForBit) {

@@ -1,16 +1,18 @@
 // The fused decode step (see fused_step.hpp). A persistent kernel works through tickets in
-// order: first the projection items (a row block of 64 weight rows x one slice of hidden),
-// then one item per completed entry.
-//  - A projection item streams its 64 x hidden/8 weights once, multiplies them with the step's
-//    x (staged in shared memory) on tensor cores and writes fp32 partial sums.
-//  - The block that finishes the last slice of a row block adds the 8 partials in slice order
-//    (kv_score of 16 or 32 channels, on chip), pools those channels of every completed window,
-//    then updates those channels of the state. A row block holds, for its channels, every
-//    column the pooling needs (ratio 4: kv and score of both channel halves; else kv, score).
-//  - An entry item waits until every row block of its compressor is pooled, then runs the
+// order: projection items, then pool items, then one item per completed entry.
+//  - A projection item streams 64 weight rows x one slice of hidden once, multiplies them with
+//    the step's x (staged in shared memory) on tensor cores and writes fp32 partial sums.
+//  - A pool item takes a row block's channels for one group of requests: it waits until every
+//    slice of the row block is written, adds the group's tokens' 8 partials in slice order
+//    (kv_score, on chip), pools those channels of the group's completed windows, then updates
+//    those channels of the group's state. A row block holds, for its channels, every column the
+//    pooling needs (ratio 4: kv and score of both channel halves; else kv, score). Cutting the
+//    batch into groups keeps each item short, so the pooling of a large batch spreads over
+//    the whole grid instead of queueing behind one block per row block.
+//  - An entry item waits until every pool item of its compressor is done, then runs the
 //    epilogue (norm, RoPE, rotation, fp8, store) shared with finish_entries.
-// Tickets are taken in order and projection items never wait, so when any block waits for a
-// row block, every projection item has a running owner: no deadlock, whatever the residency.
+// Tickets are taken in order and only projection items never wait, so when any block waits,
+// every item it waits for has a running owner: no deadlock, whatever the residency.
 // The counters return to zero at the end of every launch (the last block out resets them),
 // so a captured graph can replay the step.
 #include <algorithm>
@@ -136,19 +138,44 @@ __device__ void project_item(const FusedStep& f, const FusedMember& mb, int rb, 
   }
 }
 
-// The pooled value of channel d of entry e: the same operations in the same order as
-// pool_windows, so both paths pool identical kv_score values to identical bits.
-__device__ float pool_channel(const FusedMember& mb, const float* vals, int cap, int rb, std::int64_t e, int d) {
+// A pool item's request group: requests [first, first + requests) of its member, their
+// per-request values staged in shared memory once (so no dependent global load sits inside the
+// per-request loops), and the rows of x whose kv_score the item holds in `vals`.
+struct Group {
+  std::int64_t* start;  // [requests]
+  std::int64_t* slot;   // [requests]
+  int* token_offset;    // [requests + 1]: rows of x
+  int* entry_offset;    // [requests + 1]: entries
+  int* entry_request;   // [the group's entries]: request, counted from the group's first
+  int first = 0, requests = 0;
+  int base = 0;    // first row of x held in vals: the group's first token, rounded down to 4
+  int stride = 0;  // floats between the rows of two columns in vals; odd, so that consecutive
+                   // columns fall in different banks
+};
+
+// Shared memory of a pool item: vals [64][stride <= tokens_cap + 1], then the group's values.
+__device__ __forceinline__ float* smem_vals(char* smem) { return reinterpret_cast<float*>(smem); }
+__host__ __device__ constexpr std::size_t pool_vals_bytes(int tokens_cap) {
+  return static_cast<std::size_t>(kFusedRowsPerBlock) * (tokens_cap + 1) * 4;
+}
+__host__ __device__ constexpr std::size_t pool_group_bytes(int group_requests, int tokens_cap) {
+  return static_cast<std::size_t>(group_requests) * 16 + static_cast<std::size_t>(group_requests + 1) * 8 +
+         static_cast<std::size_t>(tokens_cap) * 4;
+}
+
+// The pooled value of channel d of the group's entry `el`: the same operations in the same
+// order as pool_windows, so both paths pool identical kv_score values to identical bits.
+__device__ float pool_channel(const FusedMember& mb, const float* vals, const Group& g, int rb, int el, int d) {
   const CompressorConsts& c = mb.c;
-  const DevicePlan& p = mb.p;
-  const int i = request_of(p, e);
-  const std::int64_t start = p.start[i], tok0 = p.token_offset[i];
-  const std::int64_t w = start / c.ratio + (e - p.entry_offset[i]);
+  const int r = g.entry_request[el];
+  const std::int64_t start = g.start[r];
+  const int tok0 = g.token_offset[r] - g.base;
+  const std::int64_t w = start / c.ratio + (el - (g.entry_offset[r] - g.entry_offset[0]));
   const int hd = c.head_dim;
   const std::int64_t half = static_cast<std::int64_t>(c.overlap ? 2 : 1) * hd;
-  const char* slot = static_cast<const char*>(mb.st.data) + p.slot[i] * mb.st.slot_bytes;
+  const char* slot = static_cast<const char*>(mb.st.data) + g.slot[r] * mb.st.slot_bytes;
   auto at = [&](std::int64_t position, std::int64_t col) -> float {
-    if (position >= start) return vals[block_row(c, rb, col) * cap + tok0 + (position - start)];
+    if (position >= start) return vals[block_row(c, rb, col) * g.stride + tok0 + (position - start)];
     return state_value(mb.st, slot, (position & (mb.st.ring_rows - 1)) * mb.st.width + col);
   };
   auto slot_at = [&](int j, float& logit, float& value) {
@@ -202,57 +229,92 @@ __device__ float pool_channel(const FusedMember& mb, const float* vals, int cap,
   return total.a / total.s;
 }
 
-// The last block to finish a row block: kv_score of its columns for every token (slices added
-// in order, rounded as the storage dtype would), pooling of its channels, then the state.
-__device__ void finish_row_block(const FusedStep& f, const FusedMember& mb, int rb_global, int rb, float* vals) {
+// Stages the group's per-request values while (thread 0) waiting for every slice of the row
+// block, then sums the slices of the group's tokens in slice order into vals (rounded as the
+// storage dtype would round kv_score).
+__device__ Group stage_group(const FusedStep& f, const FusedMember& mb, int rb_global, int group, char* smem) {
+  const DevicePlan& p = mb.p;
   const int cap = f.tokens_cap;
+  Group g;
+  g.first = group * mb.group_requests;
+  g.requests = min(mb.group_requests, p.num_requests - g.first);
+  char* at = smem + pool_vals_bytes(cap);
+  g.start = reinterpret_cast<std::int64_t*>(at);
+  g.slot = g.start + mb.group_requests;
+  g.token_offset = reinterpret_cast<int*>(g.slot + mb.group_requests);
+  g.entry_offset = g.token_offset + mb.group_requests + 1;
+  g.entry_request = g.entry_offset + mb.group_requests + 1;
+  for (int k = threadIdx.x; k <= g.requests; k += kFusedThreads) {
+    g.token_offset[k] = static_cast<int>(p.token_offset[g.first + k]);
+    g.entry_offset[k] = static_cast<int>(p.entry_offset[g.first + k]);
+    if (k < g.requests) g.start[k] = p.start[g.first + k], g.slot[k] = p.slot[g.first + k];
+  }
+  if (threadIdx.x == 0) {
+    while (load_acquire(&f.counters[kCounterRowBlocks + rb_global]) < static_cast<unsigned>(kFusedSlices)) __nanosleep(32);
+    __threadfence();
+  }
+  __syncthreads();
+  const int t0 = g.token_offset[0], t1 = g.token_offset[g.requests];
+  g.base = t0 & ~3;
+  const int span = ((t1 + 3) & ~3) - g.base;  // within [0, tokens_cap): every partial there is written
+  g.stride = span | 1;
+  for (int k = threadIdx.x; k < g.requests; k += kFusedThreads)
+    for (int e = g.entry_offset[k]; e < g.entry_offset[k + 1]; ++e) g.entry_request[e - g.entry_offset[0]] = k;
+
   const float* partial = f.partials + static_cast<std::int64_t>(rb_global) * kFusedSlices * kFusedRowsPerBlock * cap;
   const std::int64_t slice_stride = static_cast<std::int64_t>(kFusedRowsPerBlock) * cap;
-  // Four tokens a load (tokens_cap is a multiple of 8 and every partial below it is written),
-  // two rows a thread at once: 16 loads in flight per thread.
-  const int quads = cap / 4, work = kFusedRowsPerBlock * quads;
+  const int quads = span / 4, work = kFusedRowsPerBlock * quads;
   const bool round = mb.c.round_bf16;
   auto sum4 = [&](int idx) {
-    const float4* q = reinterpret_cast<const float4*>(partial + (idx / quads) * cap) + idx % quads;
-    float4 v = __ldcg(q);
+    const int row = idx / quads, q = idx % quads;
+    const float4* src = reinterpret_cast<const float4*>(partial + static_cast<std::int64_t>(row) * cap + g.base) + q;
+    float4 v = __ldcg(src);
 #pragma unroll
     for (int s = 1; s < kFusedSlices; ++s) {
-      const float4 u = __ldcg(q + s * slice_stride / 4);
+      const float4 u = __ldcg(src + s * slice_stride / 4);
       v.x += u.x, v.y += u.y, v.z += u.z, v.w += u.w;
     }
     if (round) v = make_float4(num::round_to_bf16(v.x), num::round_to_bf16(v.y), num::round_to_bf16(v.z), num::round_to_bf16(v.w));
-    reinterpret_cast<float4*>(vals + (idx / quads) * cap)[idx % quads] = v;
+    float* dst = smem_vals(smem) + row * g.stride + 4 * q;
+    dst[0] = v.x, dst[1] = v.y, dst[2] = v.z, dst[3] = v.w;
   };
-  for (int idx = threadIdx.x; idx < work; idx += 2 * kFusedThreads) {
+  for (int idx = threadIdx.x; idx < work; idx += 2 * kFusedThreads) {  // 16 loads in flight a thread
     sum4(idx);
     if (idx + kFusedThreads < work) sum4(idx + kFusedThreads);
   }
   __syncthreads();
+  return g;
+}
 
+// A pool item: the channels of row block `rb` for the requests of one group. Pools those
+// channels of every completed window of the group, then updates their state.
+__device__ void pool_item(const FusedStep& f, const FusedMember& mb, int rb_global, int rb, int group, char* smem) {
+  const Group g = stage_group(f, mb, rb_global, group, smem);
+  const float* vals = smem_vals(smem);
   const CompressorConsts& c = mb.c;
-  const DevicePlan& p = mb.p;
   const int ch = channels_per_block(c.overlap), hd = c.head_dim;
+  const int e0 = g.entry_offset[0], entries = g.entry_offset[g.requests] - e0;
   // Four (entry, channel) pairs a thread at once, stored after all four: no store sits between
   // their loads, so the loads of the four overlap.
   constexpr int kPairs = 4;
-  const int pairs = p.num_entries * ch;
+  const int pairs = entries * ch;
   for (int base = threadIdx.x; base < pairs; base += kPairs * kFusedThreads) {
     float out[kPairs];
 #pragma unroll
     for (int k = 0; k < kPairs; ++k) {
       const int idx = base + k * kFusedThreads;
-      if (idx < pairs) out[k] = pool_channel(mb, vals, cap, rb, idx / ch, rb * ch + idx % ch);
+      if (idx < pairs) out[k] = pool_channel(mb, vals, g, rb, idx / ch, rb * ch + idx % ch);
     }
 #pragma unroll
     for (int k = 0; k < kPairs; ++k) {
       const int idx = base + k * kFusedThreads;
-      if (idx < pairs) mb.pooled[static_cast<std::int64_t>(idx / ch) * hd + rb * ch + idx % ch] = out[k];
+      if (idx < pairs) mb.pooled[static_cast<std::int64_t>(e0 + idx / ch) * hd + rb * ch + idx % ch] = out[k];
     }
   }
-  __syncthreads();  // pooling has read the state this block's channels are about to overwrite
+  __syncthreads();  // pooling has read the state this item's channels are about to overwrite
 
-  if (mb.st.running) {  // update_running_kernel, for this block's channels, four pairs at once
-    const int pairs = p.num_requests * ch;
+  if (mb.st.running) {  // update_running_kernel, for these channels, four pairs at once
+    const int pairs = g.requests * ch;
     for (int base = threadIdx.x; base < pairs; base += kPairs * kFusedThreads) {
       Softmax sm[kPairs];
       float* acc[kPairs] = {};
@@ -260,16 +322,17 @@ __device__ void finish_row_block(const FusedStep& f, const FusedMember& mb, int 
       for (int k = 0; k < kPairs; ++k) {
         const int idx = base + k * kFusedThreads;
         if (idx >= pairs) continue;
-        const int i = idx / ch, d = rb * ch + idx % ch;
-        const std::int64_t start = p.start[i], end = start + p.num_tokens[i], tok0 = p.token_offset[i];
+        const int r = idx / ch, d = rb * ch + idx % ch;
+        const std::int64_t start = g.start[r], end = start + (g.token_offset[r + 1] - g.token_offset[r]);
+        const int tok0 = g.token_offset[r] - g.base;
         if (end % c.ratio == 0) continue;
         const std::int64_t w0 = (end / c.ratio) * c.ratio;
-        float* a = reinterpret_cast<float*>(static_cast<char*>(mb.st.data) + p.slot[i] * mb.st.slot_bytes);
+        float* a = reinterpret_cast<float*>(static_cast<char*>(mb.st.data) + g.slot[r] * mb.st.slot_bytes);
         acc[k] = a + d;
         if (w0 < start) sm[k] = Softmax{__ldcg(a + d), __ldcg(a + hd + d), __ldcg(a + 2 * hd + d)};
         for (std::int64_t q = max(w0, start); q < end; ++q) {
-          const float score = vals[block_row(c, rb, hd + d) * cap + tok0 + (q - start)];
-          const float value = vals[block_row(c, rb, d) * cap + tok0 + (q - start)];
+          const float score = vals[block_row(c, rb, hd + d) * g.stride + tok0 + (q - start)];
+          const float value = vals[block_row(c, rb, d) * g.stride + tok0 + (q - start)];
           sm[k].add(score + c.ape[(q - w0) * hd + d], value);
         }
       }
@@ -277,17 +340,18 @@ __device__ void finish_row_block(const FusedStep& f, const FusedMember& mb, int 
       for (int k = 0; k < kPairs; ++k)
         if (acc[k]) acc[k][0] = sm[k].m, acc[k][hd] = sm[k].s, acc[k][2 * hd] = sm[k].a;
     }
-  } else {  // update_state_kernel, for this block's columns
+  } else {  // update_state_kernel, for these columns: a warp per request, a lane per column
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    for (int i = warp; i < p.num_requests; i += kWarps) {
-      const std::int64_t start = p.start[i], end = start + p.num_tokens[i], tok0 = p.token_offset[i];
+    for (int r = warp; r < g.requests; r += kWarps) {
+      const std::int64_t start = g.start[r], end = start + (g.token_offset[r + 1] - g.token_offset[r]);
+      const int tok0 = g.token_offset[r] - g.base;
       const std::int64_t last_window_start = (end / c.ratio) * c.ratio;
       const std::int64_t keep_from = c.overlap ? max(std::int64_t{0}, last_window_start - c.ratio) : last_window_start;
-      char* slot = static_cast<char*>(mb.st.data) + p.slot[i] * mb.st.slot_bytes;
+      char* slot = static_cast<char*>(mb.st.data) + g.slot[r] * mb.st.slot_bytes;
       for (std::int64_t q = max(start, keep_from); q < end; ++q)
-        for (int r = lane; r < kFusedRowsPerBlock; r += 32)
-          store_state(mb.st, slot, (q & (mb.st.ring_rows - 1)) * mb.st.width + block_column(c, rb, r),
-                      vals[r * cap + tok0 + (q - start)]);
+        for (int row = lane; row < kFusedRowsPerBlock; row += 32)
+          store_state(mb.st, slot, (q & (mb.st.ring_rows - 1)) * mb.st.width + block_column(c, rb, row),
+                      vals[row * g.stride + tok0 + (q - start)]);
     }
   }
 }
@@ -295,11 +359,11 @@ __device__ void finish_row_block(const FusedStep& f, const FusedMember& mb, int 
 __global__ void __launch_bounds__(kFusedThreads, 3) fused_step_kernel(const __grid_constant__ FusedStep f) {
   extern __shared__ uint4 smem[];
   __shared__ int s_ticket;
-  __shared__ bool s_last;
   auto* xs = reinterpret_cast<std::uint16_t*>(smem);
-  auto* vals = reinterpret_cast<float*>(smem);
+  auto* raw = reinterpret_cast<char*>(smem);
   unsigned* counters = f.counters;
-  const int projection_items = f.row_blocks * kFusedSlices, items = projection_items + f.entries;
+  const int projection_items = f.row_blocks * kFusedSlices, pool_end = projection_items + f.pool_items;
+  const int items = pool_end + f.entries;
   bool waited = false, released = false;
   int t = static_cast<int>(blockIdx.x);
   while (t < items) {
@@ -312,18 +376,7 @@ __global__ void __launch_bounds__(kFusedThreads, 3) fused_step_kernel(const __gr
       project_item(f, mb, rb, slice, out, xs, waited);
       __threadfence();
       __syncthreads();
-      if (threadIdx.x == 0) {
-        s_last = atomicAdd(&counters[kCounterRowBlocks + rb_global], 1u) == kFusedSlices - 1;
-        if (s_last) counters[kCounterRowBlocks + rb_global] = 0;
-      }
-      __syncthreads();
-      if (s_last) {
-        __threadfence();
-        finish_row_block(f, mb, rb_global, rb, vals);
-        __threadfence();
-        __syncthreads();
-        if (threadIdx.x == 0) atomicAdd(&counters[kCounterMemberDone + m], 1u);
-      }
+      if (threadIdx.x == 0) atomicAdd(&counters[kCounterRowBlocks + rb_global], 1u);
     } else {
       if (!waited) {
         wait_for_previous_kernel();
@@ -333,13 +386,28 @@ __global__ void __launch_bounds__(kFusedThreads, 3) fused_step_kernel(const __gr
         allow_next_kernel();
         released = true;
       }
-      const int u = t - projection_items;
-      const int m = (f.members > 1 && u >= f.m[1].first_entry) ? 1 : 0;
-      const FusedMember& mb = f.m[m];
-      if (threadIdx.x == 0)
-        while (load_acquire(&counters[kCounterMemberDone + m]) < static_cast<unsigned>(mb.row_blocks)) __nanosleep(64);
-      __syncthreads();
-      finish_entry(mb.c, mb.p, mb.pooled, mb.cache, mb.entries, u - mb.first_entry, vals, vals + kFinishMaxHeadDim);
+      if (t < pool_end) {
+        const int u = t - projection_items;
+        const int m = (f.members > 1 && u >= f.m[1].first_pool_item) ? 1 : 0;
+        const FusedMember& mb = f.m[m];
+        const int local = u - mb.first_pool_item, rb = local / mb.groups;
+        pool_item(f, mb, mb.first_row_block + rb, rb, local % mb.groups, raw);
+        __threadfence();
+        __syncthreads();
+        if (threadIdx.x == 0) atomicAdd(&counters[kCounterMemberDone + m], 1u);
+      } else {
+        const int u = t - pool_end;
+        const int m = (f.members > 1 && u >= f.m[1].first_entry) ? 1 : 0;
+        const FusedMember& mb = f.m[m];
+        if (threadIdx.x == 0) {
+          const auto pool_items = static_cast<unsigned>(mb.row_blocks * mb.groups);
+          while (load_acquire(&counters[kCounterMemberDone + m]) < pool_items) __nanosleep(64);
+          __threadfence();
+        }
+        __syncthreads();
+        float* v = smem_vals(raw);
+        finish_entry(mb.c, mb.p, mb.pooled, mb.cache, mb.entries, u - mb.first_entry, v, v + kFinishMaxHeadDim);
+      }
     }
     __syncthreads();
     if (threadIdx.x == 0) s_ticket = static_cast<int>(gridDim.x + atomicAdd(&counters[kCounterTicket], 1u));
@@ -354,6 +422,7 @@ __global__ void __launch_bounds__(kFusedThreads, 3) fused_step_kernel(const __gr
       counters[kCounterTicket] = 0;
       counters[kCounterExits] = 0;
       for (int m = 0; m < kFusedMaxMembers; ++m) counters[kCounterMemberDone + m] = 0;
+      for (int rb = 0; rb < f.row_blocks; ++rb) counters[kCounterRowBlocks + rb] = 0;
       __threadfence();
     }
   }
@@ -362,9 +431,11 @@ __global__ void __launch_bounds__(kFusedThreads, 3) fused_step_kernel(const __gr
 std::size_t shared_bytes(const FusedStep& f) {
   const std::size_t ks = static_cast<std::size_t>(f.hidden / kFusedSlices);
   const std::size_t x_bytes = static_cast<std::size_t>(f.tokens_per_pass) * (ks + kXPad) * 2;
-  const std::size_t vals_bytes = static_cast<std::size_t>(kFusedRowsPerBlock) * f.tokens_cap * 4;
+  int group_requests = 0;
+  for (int m = 0; m < f.members; ++m) group_requests = std::max(group_requests, f.m[m].group_requests);
+  const std::size_t pool_bytes = pool_vals_bytes(f.tokens_cap) + pool_group_bytes(group_requests, f.tokens_cap);
   const std::size_t finish_bytes = (kFinishMaxHeadDim + 32) * 4;
-  return std::max({x_bytes, vals_bytes, finish_bytes});
+  return std::max({x_bytes, pool_bytes, finish_bytes});
 }
 
 }  // namespace
@@ -380,6 +451,18 @@ std::size_t fused_partial_floats(const FusedStep& f) {
 }
 
 int fused_prepare_launch(FusedStep& f, int device) {
+  // Pool items: a row block's channels for a group of requests. A group is sized so that a
+  // pool item's pooling is about one round of loads for its 128 threads (4 pairs a thread):
+  // 32 requests with 16 channels a row block, 16 with 32.
+  f.pool_items = 0;
+  for (int k = 0; k < f.members; ++k) {
+    FusedMember& mb = f.m[k];
+    const int per_group = 512 / channels_per_block(mb.c.overlap);
+    mb.group_requests = std::max(1, std::min(per_group, mb.p.num_requests));
+    mb.groups = std::max(1, (mb.p.num_requests + mb.group_requests - 1) / mb.group_requests);
+    mb.first_pool_item = f.pool_items;
+    f.pool_items += mb.row_blocks * mb.groups;
+  }
   // As many tokens per pass as fit 72 KiB of staged x (Flash: 64, Pro: 40), in 8-token tiles.
   const int ks = f.hidden / kFusedSlices;
   const int fit = (72 * 1024 / ((ks + kXPad) * 2)) / 8 * 8;
@@ -390,7 +473,7 @@ int fused_prepare_launch(FusedStep& f, int device) {
   int per_sm = 0, sms = 0;
   DSV4_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fused_step_kernel, kFusedThreads, smem));
   DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const int items = f.row_blocks * kFusedSlices + f.entries;
+  const int items = f.row_blocks * kFusedSlices + f.pool_items + f.entries;
   return std::max(1, std::min(items, std::max(1, per_sm) * sms));
 }
 

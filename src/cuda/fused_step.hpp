@@ -34,6 +34,9 @@ struct FusedMember {
   int row_blocks = 0;                // head_dim / channels per block
   int first_row_block = 0;           // among all members' row blocks
   int first_entry = 0;               // among all members' entries
+  int group_requests = 0;            // requests a pool item covers (fused_prepare_launch)
+  int groups = 0;                    // request groups: pool items = row_blocks * groups
+  int first_pool_item = 0;           // among all members' pool items
 };
 
 struct FusedStep {
@@ -45,6 +48,7 @@ struct FusedStep {
   FusedMember m[kFusedMaxMembers];
   int row_blocks = 0;  // all members
   int entries = 0;     // all members
+  int pool_items = 0;  // all members
   float* partials = nullptr;      // [row_blocks][kFusedSlices][kFusedRowsPerBlock][tokens_cap]
   unsigned* counters = nullptr;   // see fused_counter_count; zero between launches
   int tokens_cap = 0;             // tokens rounded up to 8
@@ -54,7 +58,7 @@ struct FusedStep {
 bool fused_shape_supported(int head_dim, std::int64_t hidden);
 std::size_t fused_counter_count(const FusedStep& f);
 std::size_t fused_partial_floats(const FusedStep& f);
-// Fills tokens_per_pass and returns the blocks to launch (the kernel is persistent: it never
+// Fills tokens_per_pass and the request groups, and returns the blocks to launch (the kernel is persistent: it never
 // launches more blocks than can be resident at once).
 int fused_prepare_launch(FusedStep& f, int device);
 // Launches with programmatic dependent launch, so that the weight loads of this step may
