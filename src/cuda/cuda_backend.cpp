@@ -215,10 +215,12 @@ class CudaBackend final : public Backend {
     if (options_.fused_decode == FusedDecode::automatic && plan.num_tokens() > kFusedAutoMaxTokens) return false;
     if (!cuda::fused_shape_supported(static_cast<int>(spec_.head_dim), spec_.hidden))
       return false;
-    // Ratio 128 with stored rows pools up to 128 rows per entry; the fused step pools a row
-    // block's channels of every entry in one block, so past a few entries the unfused pooling
-    // (8 blocks of 8 groups per entry) is faster.
-    if (!spec_.overlap() && options_.window_state == WindowState::rows && plan.num_entries() > 16) return false;
+    // Ratio 128 with stored rows pools up to 128 rows per entry, which the fused step reads
+    // slot by slot; the unfused pooling (8 blocks of 8 groups per entry) reads them side by
+    // side. The automatic choice leaves it unfused; FusedDecode::always up to 16 entries.
+    if (!spec_.overlap() && options_.window_state == WindowState::rows &&
+        (options_.fused_decode == FusedDecode::automatic || plan.num_entries() > 16))
+      return false;
     return true;
   }
 

@@ -19,15 +19,20 @@ __device__ __forceinline__ void finish_entry(const CompressorConsts& c, const De
                                              std::uint8_t* cache, std::uint16_t* entries, std::int64_t e, float* v,
                                              float* scratch) {
   constexpr int kPerThread = kFinishMaxHeadDim / kFinishThreads;
-  const int i = request_of(p, e);
-  const std::int64_t w = p.start[i] / c.ratio + (e - p.entry_offset[i]);
   const int hd = c.head_dim;
-  float acc[kPerThread];
+  // Every global load first (pooled values, norm weights, the first RoPE frequency, the cache
+  // row, the window), so that they overlap: the rest of the epilogue then runs on chip.
+  float acc[kPerThread], weight[kPerThread];
 #pragma unroll
   for (int k = 0; k < kPerThread; ++k) {
     const int d = threadIdx.x + k * kFinishThreads;
     acc[k] = d < hd ? __ldcg(pooled + e * hd + d) : 0.0f;
+    weight[k] = d < hd ? c.norm[d] : 0.0f;
   }
+  const float freq0 = threadIdx.x < c.rope_dim / 2 ? c.inv_freq[threadIdx.x] : 0.0f;
+  const std::int64_t location = cache ? p.cache_location[e] : 0;
+  const int i = request_of(p, e);
+  const std::int64_t w = p.start[i] / c.ratio + (e - p.entry_offset[i]);
 
   // RMSNorm of the bf16-rounded pooled values.
   float sq = 0.0f;
@@ -43,7 +48,7 @@ __device__ __forceinline__ void finish_entry(const CompressorConsts& c, const De
 #pragma unroll
   for (int k = 0; k < kPerThread; ++k) {
     const int d = threadIdx.x + k * kFinishThreads;
-    if (d < hd) v[d] = num::round_to_bf16(acc[k] * inv_rms * c.norm[d]);
+    if (d < hd) v[d] = num::round_to_bf16(acc[k] * inv_rms * weight[k]);
   }
   __syncthreads();
 
@@ -51,7 +56,7 @@ __device__ __forceinline__ void finish_entry(const CompressorConsts& c, const De
   const int nope = hd - c.rope_dim;
   for (int r = threadIdx.x; r < c.rope_dim / 2; r += kFinishThreads) {
     float cs, sn;
-    rope_cos_sin(w * c.ratio, c.inv_freq[r], &cs, &sn);
+    rope_cos_sin(w * c.ratio, r == static_cast<int>(threadIdx.x) ? freq0 : c.inv_freq[r], &cs, &sn);
     const float a = v[nope + 2 * r], b = v[nope + 2 * r + 1];
     v[nope + 2 * r] = num::round_to_bf16(a * cs - b * sn);
     v[nope + 2 * r + 1] = num::round_to_bf16(a * sn + b * cs);
@@ -76,7 +81,7 @@ __device__ __forceinline__ void finish_entry(const CompressorConsts& c, const De
   if (entries)
     for (int d = threadIdx.x; d < hd; d += kFinishThreads) entries[e * hd + d] = num::bf16_from_f32(v[d]);
   if (!cache) return;
-  std::uint8_t* row = cache + p.cache_location[e] * c.entry_bytes;
+  std::uint8_t* row = cache + location * c.entry_bytes;
   if (!c.fp8) {
     auto* dst = reinterpret_cast<std::uint16_t*>(row);
     for (int d = threadIdx.x; d < hd; d += kFinishThreads) dst[d] = num::bf16_from_f32(v[d]);

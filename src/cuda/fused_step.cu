@@ -46,14 +46,9 @@ __device__ __forceinline__ int block_column(const CompressorConsts& c, int rb, i
 }
 
 // Row of the block's on-chip values that holds kv_score column `col`.
-__device__ __forceinline__ int block_row(const CompressorConsts& c, int rb, std::int64_t col) {
+__device__ __forceinline__ int block_row(const CompressorConsts& c, int rb, int col) {
   const int ch = channels_per_block(c.overlap);
-  return static_cast<int>(col / c.head_dim) * ch + static_cast<int>(col % c.head_dim) - rb * ch;
-}
-
-__device__ __forceinline__ float state_value(const StateView& st, const char* slot, std::int64_t index) {
-  if (st.dtype == DType::f32) return __ldcg(reinterpret_cast<const float*>(slot) + index);
-  return num::f32_from_bf16(__ldcg(reinterpret_cast<const unsigned short*>(slot) + index));
+  return (col / c.head_dim) * ch + col % c.head_dim - rb * ch;
 }
 
 __device__ __forceinline__ void store_state(const StateView& st, char* slot, std::int64_t index, float v) {
@@ -163,40 +158,82 @@ __host__ __device__ constexpr std::size_t pool_group_bytes(int group_requests, i
          static_cast<std::size_t>(tokens_cap) * 4;
 }
 
+// Ratio 4 (every CSA preset): the pooled value of channel d of window w, the 8 slots in closed
+// form with 32-bit index math (slot j < 4 is the previous window's token j on channel half 0,
+// slot j >= 4 the current window's token j - 4 on half 1, as window_slot says). The pooling
+// runs on few warps, so it is bound by the latency of its instructions: the index math
+// matters, and so does the order of the loads. Every global load (the state's rows, ape)
+// is issued first, into registers of the raw type (float or bf16 bits), and only then are
+// the values converted and merged: a value used inside the branch that loaded it makes the
+// warp wait right there, and the slots' loads would run one after another.
+template <class StateT>
+__device__ float pool_ratio4(const CompressorConsts& c, const StateView& st, const float* vals, const Group& g, int r,
+                             std::int64_t w, int rb, int d) {
+  constexpr int ch = channels_per_block(true);
+  const int hd = c.head_dim, dl = d - rb * ch, tok0 = g.token_offset[r] - g.base;
+  const std::int64_t start = g.start[r], p0 = (w - 1) * 4;  // the position of slot 0
+  const auto* ring = reinterpret_cast<const StateT*>(static_cast<const char*>(st.data) + g.slot[r] * st.slot_bytes);
+  const int mask = static_cast<int>(st.ring_rows) - 1, width = static_cast<int>(st.width);
+  const int first = w == 0 ? 4 : 0;
+  float ape[8];
+  StateT state_logit[8], state_value[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {  // every global load first
+    const int h = j >> 2;
+    ape[j] = c.ape[(j & 3) * 2 * hd + h * hd + d];
+    if (j >= first && p0 + j < start) {
+      const StateT* row = ring + static_cast<int>((p0 + j) & mask) * width;
+      state_logit[j] = __ldcg(row + (2 + h) * hd + d);
+      state_value[j] = __ldcg(row + h * hd + d);
+    }
+  }
+  Softmax total;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    if (j < first) continue;
+    const int h = j >> 2;
+    float logit, value;
+    if (p0 + j >= start) {
+      const int t = tok0 + static_cast<int>(p0 + j - start);
+      logit = vals[((2 + h) * ch + dl) * g.stride + t];
+      value = vals[(h * ch + dl) * g.stride + t];
+    } else {
+      logit = to_float(state_logit[j]);
+      value = to_float(state_value[j]);
+    }
+    total.merge(Softmax{logit + ape[j], 1.0f, value});
+  }
+  return total.a / total.s;
+}
+
 // The pooled value of channel d of the group's entry `el`: the same operations in the same
 // order as pool_windows, so both paths pool identical kv_score values to identical bits.
+template <class StateT>
 __device__ float pool_channel(const FusedMember& mb, const float* vals, const Group& g, int rb, int el, int d) {
   const CompressorConsts& c = mb.c;
   const int r = g.entry_request[el];
   const std::int64_t start = g.start[r];
-  const int tok0 = g.token_offset[r] - g.base;
   const std::int64_t w = start / c.ratio + (el - (g.entry_offset[r] - g.entry_offset[0]));
-  const int hd = c.head_dim;
-  const std::int64_t half = static_cast<std::int64_t>(c.overlap ? 2 : 1) * hd;
+  if (c.overlap && c.ratio == 4) return pool_ratio4<StateT>(c, mb.st, vals, g, r, w, rb, d);
+  // Other shapes (ratio 128; overlap at another ratio), slot by slot. With running state every
+  // slot is this step's, in shared memory; with stored rows a ratio-128 window reads up to 127
+  // rows one after another, which is why the automatic choice leaves that case unfused.
+  const int hd = c.head_dim, half = (c.overlap ? 2 : 1) * hd, tok0 = g.token_offset[r] - g.base;
   const char* slot = static_cast<const char*>(mb.st.data) + g.slot[r] * mb.st.slot_bytes;
-  auto at = [&](std::int64_t position, std::int64_t col) -> float {
-    if (position >= start) return vals[block_row(c, rb, col) * g.stride + tok0 + (position - start)];
-    return state_value(mb.st, slot, (position & (mb.st.ring_rows - 1)) * mb.st.width + col);
+  const auto* ring = reinterpret_cast<const StateT*>(slot);
+  auto at = [&](std::int64_t position, int col) -> float {
+    if (position >= start) return vals[block_row(c, rb, col) * g.stride + tok0 + static_cast<int>(position - start)];
+    return to_float(__ldcg(ring + (position & (mb.st.ring_rows - 1)) * mb.st.width + col));
   };
   auto slot_at = [&](int j, float& logit, float& value) {
     const WindowSlot s = window_slot(c, w, j);
-    logit = at(s.position, half + s.channel0 + d) + c.ape[s.ape_row * half + s.channel0 + d];
-    value = at(s.position, s.channel0 + d);
+    const int vc = static_cast<int>(s.channel0) + d;
+    logit = at(s.position, half + vc) + c.ape[s.ape_row * half + vc];
+    value = at(s.position, vc);
   };
   const int slots = c.overlap ? 2 * c.ratio : c.ratio;
   int first = (c.overlap && w == 0) ? c.ratio : 0;
-  if (c.overlap && slots == 8) {  // ratio 4: the 8 slots' values gathered first, so their loads overlap
-    float logit[8], value[8];
-#pragma unroll
-    for (int j = 0; j < 8; ++j)
-      if (j >= first) slot_at(j, logit[j], value[j]);
-    Softmax total;  // pool_windows' one-slot groups, merged in slot order
-#pragma unroll
-    for (int j = 0; j < 8; ++j)
-      if (j >= first) total.merge(Softmax{logit[j], 1.0f, value[j]});
-    return total.a / total.s;
-  }
-  if (c.overlap) {
+  if (c.overlap) {  // pool_windows' one-slot groups, merged in slot order
     Softmax total;
     for (int j = first; j < slots; ++j) {
       float logit, value;
@@ -294,51 +331,50 @@ __device__ void pool_item(const FusedStep& f, const FusedMember& mb, int rb_glob
   const CompressorConsts& c = mb.c;
   const int ch = channels_per_block(c.overlap), hd = c.head_dim;
   const int e0 = g.entry_offset[0], entries = g.entry_offset[g.requests] - e0;
-  // Four (entry, channel) pairs a thread at once, stored after all four: no store sits between
-  // their loads, so the loads of the four overlap.
-  constexpr int kPairs = 4;
+  // A thread per (entry, channel): its slots' loads are issued together (pool_channel).
   const int pairs = entries * ch;
-  for (int base = threadIdx.x; base < pairs; base += kPairs * kFusedThreads) {
-    float out[kPairs];
-#pragma unroll
-    for (int k = 0; k < kPairs; ++k) {
-      const int idx = base + k * kFusedThreads;
-      if (idx < pairs) out[k] = pool_channel(mb, vals, g, rb, idx / ch, rb * ch + idx % ch);
-    }
-#pragma unroll
-    for (int k = 0; k < kPairs; ++k) {
-      const int idx = base + k * kFusedThreads;
-      if (idx < pairs) mb.pooled[static_cast<std::int64_t>(e0 + idx / ch) * hd + rb * ch + idx % ch] = out[k];
-    }
+  for (int idx = threadIdx.x; idx < pairs; idx += kFusedThreads) {
+    const int el = idx / ch, d = rb * ch + idx % ch;
+    mb.pooled[static_cast<std::int64_t>(e0 + el) * hd + d] = mb.st.dtype == DType::f32
+                                                                 ? pool_channel<float>(mb, vals, g, rb, el, d)
+                                                                 : pool_channel<std::uint16_t>(mb, vals, g, rb, el, d);
   }
   __syncthreads();  // pooling has read the state this item's channels are about to overwrite
 
   if (mb.st.running) {  // update_running_kernel, for these channels, four pairs at once
+    constexpr int kPairs = 4;
     const int pairs = g.requests * ch;
     for (int base = threadIdx.x; base < pairs; base += kPairs * kFusedThreads) {
       Softmax sm[kPairs];
       float* acc[kPairs] = {};
+      bool carried[kPairs] = {};
 #pragma unroll
-      for (int k = 0; k < kPairs; ++k) {
+      for (int k = 0; k < kPairs; ++k) {  // the accumulators' loads first, for all four pairs
         const int idx = base + k * kFusedThreads;
         if (idx >= pairs) continue;
         const int r = idx / ch, d = rb * ch + idx % ch;
         const std::int64_t start = g.start[r], end = start + (g.token_offset[r + 1] - g.token_offset[r]);
-        const int tok0 = g.token_offset[r] - g.base;
         if (end % c.ratio == 0) continue;
-        const std::int64_t w0 = (end / c.ratio) * c.ratio;
         float* a = reinterpret_cast<float*>(static_cast<char*>(mb.st.data) + g.slot[r] * mb.st.slot_bytes);
         acc[k] = a + d;
-        if (w0 < start) sm[k] = Softmax{__ldcg(a + d), __ldcg(a + hd + d), __ldcg(a + 2 * hd + d)};
-        for (std::int64_t q = max(w0, start); q < end; ++q) {
-          const float score = vals[block_row(c, rb, hd + d) * g.stride + tok0 + (q - start)];
-          const float value = vals[block_row(c, rb, d) * g.stride + tok0 + (q - start)];
-          sm[k].add(score + c.ape[(q - w0) * hd + d], value);
-        }
+        carried[k] = (end / c.ratio) * c.ratio < start;
+        if (carried[k]) sm[k] = Softmax{__ldcg(a + d), __ldcg(a + hd + d), __ldcg(a + 2 * hd + d)};
       }
 #pragma unroll
-      for (int k = 0; k < kPairs; ++k)
-        if (acc[k]) acc[k][0] = sm[k].m, acc[k][hd] = sm[k].s, acc[k][2 * hd] = sm[k].a;
+      for (int k = 0; k < kPairs; ++k) {
+        if (!acc[k]) continue;
+        const int idx = base + k * kFusedThreads;
+        const int r = idx / ch, d = rb * ch + idx % ch;
+        const std::int64_t start = g.start[r], end = start + (g.token_offset[r + 1] - g.token_offset[r]);
+        const std::int64_t w0 = (end / c.ratio) * c.ratio;
+        const int tok0 = g.token_offset[r] - g.base;
+        for (std::int64_t q = max(w0, start); q < end; ++q) {
+          const float score = vals[block_row(c, rb, hd + d) * g.stride + tok0 + static_cast<int>(q - start)];
+          const float value = vals[block_row(c, rb, d) * g.stride + tok0 + static_cast<int>(q - start)];
+          sm[k].add(score + c.ape[(q - w0) * hd + d], value);
+        }
+        acc[k][0] = sm[k].m, acc[k][hd] = sm[k].s, acc[k][2 * hd] = sm[k].a;
+      }
     }
   } else {  // update_state_kernel, for these columns: a warp per request, a lane per column
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -451,15 +487,19 @@ std::size_t fused_partial_floats(const FusedStep& f) {
 }
 
 int fused_prepare_launch(FusedStep& f, int device) {
-  // Pool items: a row block's channels for a group of requests. A group is sized so that a
-  // pool item's pooling is about one round of loads for its 128 threads (4 pairs a thread):
-  // 32 requests with 16 channels a row block, 16 with 32.
+  // Pool items: a row block's channels for a group of requests. Pooling is bound by the
+  // latency of its instructions, so the batch is cut into as many groups as keep about three
+  // blocks per SM busy (at most 32 or 16 requests a group, at least one).
+  int sms = 0;
+  DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int target_items = 3 * sms;
   f.pool_items = 0;
   for (int k = 0; k < f.members; ++k) {
     FusedMember& mb = f.m[k];
-    const int per_group = 512 / channels_per_block(mb.c.overlap);
-    mb.group_requests = std::max(1, std::min(per_group, mb.p.num_requests));
-    mb.groups = std::max(1, (mb.p.num_requests + mb.group_requests - 1) / mb.group_requests);
+    const int most = 512 / channels_per_block(mb.c.overlap), n = mb.p.num_requests;
+    const int wanted = static_cast<int>((static_cast<std::int64_t>(n) * f.row_blocks + target_items - 1) / target_items);
+    mb.group_requests = std::max(1, std::min({most, n, wanted}));
+    mb.groups = std::max(1, (n + mb.group_requests - 1) / mb.group_requests);
     mb.first_pool_item = f.pool_items;
     f.pool_items += mb.row_blocks * mb.groups;
   }
@@ -470,9 +510,8 @@ int fused_prepare_launch(FusedStep& f, int device) {
   const std::size_t smem = shared_bytes(f);
   DSV4_CUDA_CHECK(cudaFuncSetAttribute(fused_step_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(smem)));
-  int per_sm = 0, sms = 0;
+  int per_sm = 0;
   DSV4_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fused_step_kernel, kFusedThreads, smem));
-  DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   const int items = f.row_blocks * kFusedSlices + f.pool_items + f.entries;
   return std::max(1, std::min(items, std::max(1, per_sm) * sms));
 }
