@@ -123,6 +123,13 @@ __device__ __forceinline__ void allow_next_kernel() {
 #endif
 }
 
+// Publishes what this block wrote before (a __syncthreads orders the other threads' writes
+// before the calling thread's): an add with release semantics at GPU scope, which a reader's
+// load_acquire of the counter pairs with.
+__device__ __forceinline__ void add_release(unsigned* p, unsigned v) {
+  asm volatile("red.release.gpu.global.add.u32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
+}
+
 // A counter other blocks of this kernel increment: read with acquire semantics at GPU scope.
 __device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
   unsigned v;

@@ -13,7 +13,8 @@ __global__ void __launch_bounds__(kFinishThreads) finish_entries_kernel(Compress
                                                                         std::uint16_t* entries) {
   __shared__ float v[kFinishMaxHeadDim];
   __shared__ float scratch[32];
-  finish_entry(c, p, pooled, cache, entries, blockIdx.x, v, scratch);
+  const EntryInputs in = load_entry_inputs(c, p, cache != nullptr, blockIdx.x);
+  finish_entry(c, in, pooled, cache, entries, blockIdx.x, v, scratch);
 }
 
 }  // namespace

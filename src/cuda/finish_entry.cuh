@@ -13,26 +13,48 @@ namespace dsv4::cuda {
 constexpr int kFinishThreads = 128;
 constexpr int kFinishMaxHeadDim = 1024;
 
+constexpr int kFinishPerThread = kFinishMaxHeadDim / kFinishThreads;
+
+// What an entry's epilogue reads from global memory besides its pooled values: loaded first
+// (in the fused step, before waiting for the pooling), so that these loads overlap.
+struct EntryInputs {
+  float weight[kFinishPerThread];  // norm weights of this thread's channels
+  float freq0;                     // RoPE frequency of pair threadIdx.x
+  std::int64_t location;           // cache row
+  std::int64_t w;                  // window
+};
+
+__device__ __forceinline__ EntryInputs load_entry_inputs(const CompressorConsts& c, const DevicePlan& p, bool cache,
+                                                         std::int64_t e) {
+  EntryInputs in;
+#pragma unroll
+  for (int k = 0; k < kFinishPerThread; ++k) {
+    const int d = threadIdx.x + k * kFinishThreads;
+    in.weight[k] = d < c.head_dim ? c.norm[d] : 0.0f;
+  }
+  in.freq0 = static_cast<int>(threadIdx.x) < c.rope_dim / 2 ? c.inv_freq[threadIdx.x] : 0.0f;
+  in.location = cache ? p.cache_location[e] : 0;
+  const int i = request_of(p, e);
+  in.w = p.start[i] / c.ratio + (e - p.entry_offset[i]);
+  return in;
+}
+
 // `v` is kFinishMaxHeadDim floats and `scratch` 32 floats of shared memory. `pooled` may have
 // been written by other blocks of the same kernel, so it is read past L1.
-__device__ __forceinline__ void finish_entry(const CompressorConsts& c, const DevicePlan& p, const float* pooled,
+__device__ __forceinline__ void finish_entry(const CompressorConsts& c, const EntryInputs& in, const float* pooled,
                                              std::uint8_t* cache, std::uint16_t* entries, std::int64_t e, float* v,
                                              float* scratch) {
-  constexpr int kPerThread = kFinishMaxHeadDim / kFinishThreads;
+  constexpr int kPerThread = kFinishPerThread;
   const int hd = c.head_dim;
-  // Every global load first (pooled values, norm weights, the first RoPE frequency, the cache
-  // row, the window), so that they overlap: the rest of the epilogue then runs on chip.
-  float acc[kPerThread], weight[kPerThread];
+  float acc[kPerThread];
 #pragma unroll
   for (int k = 0; k < kPerThread; ++k) {
     const int d = threadIdx.x + k * kFinishThreads;
     acc[k] = d < hd ? __ldcg(pooled + e * hd + d) : 0.0f;
-    weight[k] = d < hd ? c.norm[d] : 0.0f;
   }
-  const float freq0 = threadIdx.x < c.rope_dim / 2 ? c.inv_freq[threadIdx.x] : 0.0f;
-  const std::int64_t location = cache ? p.cache_location[e] : 0;
-  const int i = request_of(p, e);
-  const std::int64_t w = p.start[i] / c.ratio + (e - p.entry_offset[i]);
+  const float* weight = in.weight;
+  const float freq0 = in.freq0;
+  const std::int64_t location = in.location, w = in.w;
 
   // RMSNorm of the bf16-rounded pooled values.
   float sq = 0.0f;

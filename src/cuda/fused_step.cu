@@ -109,7 +109,10 @@ __device__ void project_item(const FusedStep& f, const FusedMember& mb, int rb, 
         }
       }
     };
+    // Both buffers load before the wait for the previous kernel (programmatic dependent
+    // launch): 2 x kLoadBatch k blocks of the item's weights stream during that kernel's tail.
     load(a, 0);
+    load(b, kLoadBatch);
     if (!waited) {  // weights never change; x, state and counters may come from the kernel before
       wait_for_previous_kernel();
       waited = true;
@@ -118,10 +121,10 @@ __device__ void project_item(const FusedStep& f, const FusedMember& mb, int rb, 
     stage_x(f, pass0, n, slice, xs, stride);
     __syncthreads();
     for (int kb0 = 0; kb0 < nblocks; kb0 += 2 * kLoadBatch) {
-      if (kb0 + kLoadBatch < nblocks) load(b, kb0 + kLoadBatch);
       multiply(a, kb0);
       if (kb0 + 2 * kLoadBatch < nblocks) load(a, kb0 + 2 * kLoadBatch);
-      if (kb0 + kLoadBatch < nblocks) multiply(b, kb0 + kLoadBatch);
+      multiply(b, kb0 + kLoadBatch);
+      if (kb0 + 3 * kLoadBatch < nblocks) load(b, kb0 + 3 * kLoadBatch);
     }
 #pragma unroll
     for (int tile = 0; tile < kMaxTiles; ++tile) {
@@ -286,10 +289,8 @@ __device__ Group stage_group(const FusedStep& f, const FusedMember& mb, int rb_g
     g.entry_offset[k] = static_cast<int>(p.entry_offset[g.first + k]);
     if (k < g.requests) g.start[k] = p.start[g.first + k], g.slot[k] = p.slot[g.first + k];
   }
-  if (threadIdx.x == 0) {
+  if (threadIdx.x == 0)
     while (load_acquire(&f.counters[kCounterRowBlocks + rb_global]) < static_cast<unsigned>(kFusedSlices)) __nanosleep(32);
-    __threadfence();
-  }
   __syncthreads();
   const int t0 = g.token_offset[0], t1 = g.token_offset[g.requests];
   g.base = t0 & ~3;
@@ -410,9 +411,8 @@ __global__ void __launch_bounds__(kFusedThreads, 3) fused_step_kernel(const __gr
       const int rb = rb_global - mb.first_row_block;
       float* out = f.partials + (static_cast<std::int64_t>(rb_global) * kFusedSlices + slice) * kFusedRowsPerBlock * f.tokens_cap;
       project_item(f, mb, rb, slice, out, xs, waited);
-      __threadfence();
-      __syncthreads();
-      if (threadIdx.x == 0) atomicAdd(&counters[kCounterRowBlocks + rb_global], 1u);
+      __syncthreads();  // every thread's partial sums are written; one release publishes them
+      if (threadIdx.x == 0) add_release(&counters[kCounterRowBlocks + rb_global], 1u);
     } else {
       if (!waited) {
         wait_for_previous_kernel();
@@ -428,21 +428,21 @@ __global__ void __launch_bounds__(kFusedThreads, 3) fused_step_kernel(const __gr
         const FusedMember& mb = f.m[m];
         const int local = u - mb.first_pool_item, rb = local / mb.groups;
         pool_item(f, mb, mb.first_row_block + rb, rb, local % mb.groups, raw);
-        __threadfence();
-        __syncthreads();
-        if (threadIdx.x == 0) atomicAdd(&counters[kCounterMemberDone + m], 1u);
+        __syncthreads();  // every thread's pooled values and state are written
+        if (threadIdx.x == 0) add_release(&counters[kCounterMemberDone + m], 1u);
       } else {
         const int u = t - pool_end;
         const int m = (f.members > 1 && u >= f.m[1].first_entry) ? 1 : 0;
         const FusedMember& mb = f.m[m];
+        const int e = u - mb.first_entry;
+        const EntryInputs in = load_entry_inputs(mb.c, mb.p, mb.cache != nullptr, e);  // before the wait
         if (threadIdx.x == 0) {
           const auto pool_items = static_cast<unsigned>(mb.row_blocks * mb.groups);
-          while (load_acquire(&counters[kCounterMemberDone + m]) < pool_items) __nanosleep(64);
-          __threadfence();
+          while (load_acquire(&counters[kCounterMemberDone + m]) < pool_items) __nanosleep(32);
         }
         __syncthreads();
         float* v = smem_vals(raw);
-        finish_entry(mb.c, mb.p, mb.pooled, mb.cache, mb.entries, u - mb.first_entry, v, v + kFinishMaxHeadDim);
+        finish_entry(mb.c, in, mb.pooled, mb.cache, mb.entries, e, v, v + kFinishMaxHeadDim);
       }
     }
     __syncthreads();

@@ -114,6 +114,19 @@ Schedule small_step_schedule(const std::vector<Sequence>& seqs, std::mt19937_64&
   return schedule;
 }
 
+Schedule decode_schedule(const std::vector<Sequence>& seqs, std::size_t batch) {
+  std::vector<std::int64_t> left;
+  for (const auto& s : seqs) left.push_back(s.length);
+  Schedule schedule;
+  for (;;) {
+    std::vector<std::pair<std::size_t, std::int64_t>> step;
+    for (std::size_t i = 0; i < seqs.size() && step.size() < batch; ++i)
+      if (left[i] > 0) step.emplace_back(i, 1), --left[i];
+    if (step.empty()) return schedule;
+    schedule.push_back(std::move(step));
+  }
+}
+
 Schedule arrival_schedule(const std::vector<Sequence>& seqs, std::mt19937_64& rng, std::size_t max_active) {
   std::vector<std::int64_t> left;
   for (const auto& s : seqs) left.push_back(s.length);

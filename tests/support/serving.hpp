@@ -43,6 +43,8 @@ Schedule arrival_schedule(const std::vector<Sequence>& seqs, std::mt19937_64& rn
 // Decode-shaped calls only: each takes 1 token (most), 2..8 or 9..64 tokens from some of the
 // sequences, never more than `max_call_tokens` in all (the fused path's range).
 Schedule small_step_schedule(const std::vector<Sequence>& seqs, std::mt19937_64& rng, std::int64_t max_call_tokens);
+// Plain decode: every step, the first `batch` unfinished sequences take one token each.
+Schedule decode_schedule(const std::vector<Sequence>& seqs, std::size_t batch);
 
 struct Served {
   std::vector<std::vector<std::uint16_t>> entries;  // per sequence, bf16 [L / ratio, head_dim]
