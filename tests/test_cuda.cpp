@@ -169,10 +169,8 @@ TEST_P(CudaFused, DecodeStepsMatchCpuAndSplitsAreBitIdentical) {
       EXPECT_FALSE(gpu_unfused.plan(one, pool).fused());
       const Compressor chooser(spec, w.view(spec), automatic);
       StatePool pool_a(chooser, 1);
-      const bool ratio128_rows = !spec.overlap() && ws == WindowState::rows;
-      EXPECT_EQ(chooser.plan(one, pool_a).fused(), !ratio128_rows)
-          << "the automatic choice fuses a one-token step, except ratio 128 with stored rows";
-      EXPECT_FALSE(chooser.plan(many, pool_a).fused()) << "and leaves 200 tokens to the unfused path";
+      EXPECT_FALSE(chooser.plan(one, pool_a).fused()) << "the automatic choice fuses only groups (CSA layers)";
+      EXPECT_FALSE(chooser.plan(many, pool_a).fused());
     }
     auto gb = test::device_buffers(Device::cuda(0));
     auto hb = test::host_buffers();
@@ -290,6 +288,16 @@ TEST(CudaFusedGroup, OneLaunchMatchesMembersAloneBitForBit) {
         Batch b;
         b.add(0, 0, 3);
         EXPECT_TRUE(group.plan({b, b}, {&pm, &pi}).fused());
+        // The automatic choice: a CSA layer's step of at most 8 tokens is fused, a larger one not.
+        Options automatic = opts;
+        automatic.fused_decode = FusedDecode::automatic;
+        const Compressor am(main_spec, wm.view(main_spec), automatic), ai(idx_spec, wi.view(idx_spec), automatic);
+        const CompressorGroup auto_group({&am, &ai});
+        StatePool qm(am, 4), qi(ai, 4);
+        Batch small, large;
+        for (std::int64_t s = 0; s < 4; ++s) small.add(s, 0, 2), large.add(s, 0, 3);
+        EXPECT_TRUE(auto_group.plan({small, small}, {&qm, &qi}).fused()) << "8 tokens";
+        EXPECT_FALSE(auto_group.plan({large, large}, {&qm, &qi}).fused()) << "12 tokens";
       }
       const auto together = test::serve_group(group, seqs, schedule, *buffers);
       const auto alone_main = test::serve(main, seqs, schedule, *buffers, rng);
