@@ -38,7 +38,7 @@ std::shared_ptr<void> device_copy(int device, const std::vector<T>& host) {
   return p;
 }
 
-// The automatic choice takes the fused step for a group up to this many tokens.
+// The automatic choice takes the fused step up to this many tokens (ratio 4 only).
 constexpr std::int64_t kFusedAutoMaxTokens = 8;
 
 // A plan's fused step: everything but the run's tensors, and the workspace (partial sums,
@@ -162,7 +162,7 @@ class CudaBackend final : public Backend {
     cp->view.num_requests = static_cast<int>(b);
     cp->view.num_entries = static_cast<int>(e);
     cp->pooled = device_alloc(device_, static_cast<std::size_t>(std::max<std::int64_t>(plan.num_entries(), 1) * spec_.head_dim) * 4);
-    if (own_rows && fused_wins(plan, false)) {
+    if (own_rows && fused_wins(plan)) {
       cp->fused = make_fused_plan(device_, {fused_member(*cp, wkv_gate_.get())}, plan.num_tokens(), spec_.hidden);
       plan.fused = true;
     }
@@ -206,25 +206,22 @@ class CudaBackend final : public Backend {
   const CompressorSpec& spec() const { return spec_; }
   const void* projection_weights() const override { return wkv_gate_.get(); }
 
-  // Whether this plan runs faster as one fused launch (fused_step.hpp); `grouped`: as a member
-  // of a group's step (a CSA layer's main and indexer over one x).
-  bool fused_wins(const detail::PlanData& plan, bool grouped) const {
+  // Whether this plan runs faster as one fused launch (fused_step.hpp).
+  bool fused_wins(const detail::PlanData& plan) const {
     if (options_.fused_decode == FusedDecode::off) return false;
     if (plan.num_tokens() < 1 || plan.num_tokens() > cuda::kFusedMaxTokens) return false;
-    // Measured on the H100 (docs/PERF.md): one launch for a CSA layer wins at a few tokens
-    // (B=1 20 against 38 us), ties at 64 when windows complete and loses when they do not
-    // (35 against 20 us); a single compressor's step gains nothing (within 1 us when windows
-    // complete) and loses 1-3 us when none do.
-    if (options_.fused_decode == FusedDecode::automatic && (!grouped || plan.num_tokens() > kFusedAutoMaxTokens))
+    // Measured on the H100 against the library's unfused path (docs/PERF.md): at ratio 4 the
+    // fused step wins up to 8 tokens (Flash CSA main B=1 18.3 against 23.1 us, a CSA layer
+    // 20.2 against 35-39) and loses from 32 tokens on when no window completes; at ratio 128
+    // it loses 2 us on the steps where no window completes (127 in 128), so HCA stays unfused.
+    if (options_.fused_decode == FusedDecode::automatic && (!spec_.overlap() || plan.num_tokens() > kFusedAutoMaxTokens))
       return false;
     if (!cuda::fused_shape_supported(static_cast<int>(spec_.head_dim), spec_.hidden))
       return false;
     // Ratio 128 with stored rows pools up to 128 rows per entry, which the fused step reads
     // slot by slot; the unfused pooling (8 blocks of 8 groups per entry) reads them side by
-    // side. The automatic choice leaves it unfused; FusedDecode::always up to 16 entries.
-    if (!spec_.overlap() && options_.window_state == WindowState::rows &&
-        (options_.fused_decode == FusedDecode::automatic || plan.num_entries() > 16))
-      return false;
+    // side. FusedDecode::always fuses it up to 16 entries.
+    if (!spec_.overlap() && options_.window_state == WindowState::rows && plan.num_entries() > 16) return false;
     return true;
   }
 
@@ -278,7 +275,7 @@ class CudaGroupProjection final : public GroupProjection {
     std::vector<cuda::FusedMember> fm;
     std::int64_t row = 0;
     for (std::size_t k = 0; k < members_.size(); ++k) {
-      if (!members_[k]->fused_wins(*plans[k], members_.size() > 1)) return nullptr;
+      if (!members_[k]->fused_wins(*plans[k])) return nullptr;
       const auto& cp = *static_cast<const CudaPlan*>(plans[k]->backend_data.get());
       fm.push_back(members_[k]->fused_member(cp, static_cast<const char*>(w_.get()) + row * hidden_ * 2));
       row += members_[k]->spec().projection_width();
