@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <limits>
 #include <random>
+#include <string>
 
 #include "core/numerics.hpp"
 #include "io/safetensors.hpp"
@@ -134,6 +135,54 @@ TEST_P(CudaSplitInvariant, RandomSplitsAndMixesAreBitIdentical) {
 
 INSTANTIATE_TEST_SUITE_P(AllKindsPrecisions, CudaSplitInvariant, ::testing::ValuesIn(cases({Model::flash})), case_name);
 
+// The fused step's checks, shared by CudaFused and CudaFusedWide: `fused` (FusedDecode::always)
+// serves the sequences over schedules a and b, the unfused path and the CPU over their own.
+// Entries and cache rows equal bit for bit across a and b (rows state), stored entries are the
+// quantization of the bf16 ones, and entries sit within SPEC section 4 of the CPU, of the
+// unfused path and, with `with_fp64`, of the fp64 formula. Prints one line under `label`.
+void check_fused_serving(const std::string& label, const CompressorSpec& spec, const RandomWeights& w,
+                         const Options& fused, const std::vector<test::Sequence>& seqs, const test::Schedule& a,
+                         const test::Schedule& b, bool with_fp64, std::mt19937_64& rng) {
+  Options unfused = fused;
+  unfused.fused_decode = FusedDecode::off;
+  const Compressor gpu(spec, w.view(spec), fused), gpu_unfused(spec, w.view(spec), unfused);
+  const Compressor cpu(spec, w.view(spec), {.precision = fused.precision, .window_state = fused.window_state});
+  auto gb = test::device_buffers(Device::cuda(0));
+  auto hb = test::host_buffers();
+  const test::Served ga = test::serve(gpu, seqs, a, *gb, rng);
+  const test::Served gb2 = test::serve(gpu, seqs, b, *gb, rng);
+  const test::Served un = test::serve(gpu_unfused, seqs, test::random_schedule(seqs, rng), *gb, rng);
+  const test::Served h = test::serve(cpu, seqs, a, *hb, rng);
+  ASSERT_EQ(ga.problems, "");
+  ASSERT_EQ(gb2.problems, "");
+  std::vector<std::uint16_t> got;
+  std::vector<double> ref, host, other_path;
+  for (std::size_t i = 0; i < seqs.size(); ++i) {
+    if (fused.window_state == WindowState::rows) {
+      EXPECT_EQ(ga.entries[i], gb2.entries[i]) << label << " sequence " << i;
+      EXPECT_EQ(ga.cache[i], gb2.cache[i]) << label << " sequence " << i;
+    }
+    EXPECT_EQ(test::check_stored_entries(spec, ga.entries[i], ga.cache[i], seqs[i].length / spec.ratio), "");
+    got.insert(got.end(), ga.entries[i].begin(), ga.entries[i].end());
+    for (auto v : h.entries[i]) host.push_back(num::f32_from_bf16(v));
+    for (auto v : un.entries[i]) other_path.push_back(num::f32_from_bf16(v));
+    if (with_fp64) {
+      const auto r = test::reference_entries(spec, w, seqs[i].x.data(), seqs[i].length);
+      ref.insert(ref.end(), r.begin(), r.end());
+    }
+  }
+  ASSERT_FALSE(host.empty());
+  const double tol = test::tolerance(fused.precision);
+  std::printf("    %s: %zu steps, vs fp64 %s, vs CPU %.3g, vs unfused %.3g\n", label.c_str(), a.size(),
+              with_fp64 ? std::to_string(test::relative_l2(got, ref)).c_str() : "-", test::relative_l2(got, host),
+              test::relative_l2(got, other_path));
+  if (with_fp64) {
+    EXPECT_LE(test::relative_l2(got, ref), tol) << label;
+  }
+  EXPECT_LE(test::relative_l2(got, host), tol) << label;
+  EXPECT_LE(test::relative_l2(got, other_path), tol) << label;
+}
+
 class CudaFused : public ::testing::TestWithParam<Case> {};
 
 // The fused decode path: steps of at most 256 tokens run as one launch. Two different
@@ -157,7 +206,6 @@ TEST_P(CudaFused, DecodeStepsMatchCpuAndSplitsAreBitIdentical) {
     unfused.fused_decode = FusedDecode::off;
     automatic.fused_decode = FusedDecode::automatic;
     const Compressor gpu(spec, w.view(spec), fused), gpu_unfused(spec, w.view(spec), unfused);
-    const Compressor cpu(spec, w.view(spec), {.precision = c.precision, .window_state = ws});
     {  // the path chosen for a decode step
       StatePool pool(gpu, 1);
       Batch one, many;
@@ -172,40 +220,12 @@ TEST_P(CudaFused, DecodeStepsMatchCpuAndSplitsAreBitIdentical) {
       EXPECT_EQ(chooser.plan(one, pool_a).fused(), spec.overlap()) << "the automatic choice fuses a one-token CSA step";
       EXPECT_FALSE(chooser.plan(many, pool_a).fused()) << "and leaves 200 tokens, and HCA, to the unfused path";
     }
-    auto gb = test::device_buffers(Device::cuda(0));
-    auto hb = test::host_buffers();
     // b decodes one token per sequence per step, at most 8 tokens a step (one 8-token tile, the
     // automatic choice's range), a's steps take up to 256 tokens in several passes of tiles.
     // Same bits either way.
     const auto a = test::small_step_schedule(seqs, rng, 256), b = test::decode_schedule(seqs, 8);
-    const test::Served ga = test::serve(gpu, seqs, a, *gb, rng);
-    const test::Served gb2 = test::serve(gpu, seqs, b, *gb, rng);
-    const test::Served un = test::serve(gpu_unfused, seqs, test::random_schedule(seqs, rng), *gb, rng);
-    const test::Served h = test::serve(cpu, seqs, a, *hb, rng);
-    ASSERT_EQ(ga.problems, "");
-    ASSERT_EQ(gb2.problems, "");
-    std::vector<std::uint16_t> got;
-    std::vector<double> ref, host, other_path;
-    for (std::size_t i = 0; i < seqs.size(); ++i) {
-      if (ws == WindowState::rows) {
-        EXPECT_EQ(ga.entries[i], gb2.entries[i]) << "sequence " << i;
-        EXPECT_EQ(ga.cache[i], gb2.cache[i]) << "sequence " << i;
-      }
-      EXPECT_EQ(test::check_stored_entries(spec, ga.entries[i], ga.cache[i], seqs[i].length / spec.ratio), "");
-      got.insert(got.end(), ga.entries[i].begin(), ga.entries[i].end());
-      for (auto v : h.entries[i]) host.push_back(num::f32_from_bf16(v));
-      for (auto v : un.entries[i]) other_path.push_back(num::f32_from_bf16(v));
-      const auto r = test::reference_entries(spec, w, seqs[i].x.data(), seqs[i].length);
-      ref.insert(ref.end(), r.begin(), r.end());
-    }
-    ASSERT_FALSE(ref.empty());
-    const double tol = test::tolerance(c.precision);
-    std::printf("    %s%s: %zu steps, vs fp64 %.3g, vs CPU %.3g, vs unfused %.3g\n", case_name({c, 0}).c_str(),
-                ws == WindowState::running ? " running" : "", a.size(), test::relative_l2(got, ref),
-                test::relative_l2(got, host), test::relative_l2(got, other_path));
-    EXPECT_LE(test::relative_l2(got, ref), tol);
-    EXPECT_LE(test::relative_l2(got, host), tol);
-    EXPECT_LE(test::relative_l2(got, other_path), tol);
+    check_fused_serving(case_name({c, 0}) + (ws == WindowState::running ? " running" : ""), spec, w, fused, seqs, a, b,
+                        true, rng);
   }
 }
 
@@ -226,44 +246,16 @@ TEST(CudaFusedWide, ManyRequestsPerStepMatchCpuAndUnfused) {
       const RandomWeights w = random_weights(spec, rng());
       const auto seqs = spec.ratio == 4 ? test::random_sequences(small() ? 40 : 72, 1, 48, spec.hidden, rng)
                                         : test::random_sequences(small() ? 20 : 40, 130, 300, spec.hidden, rng);
-      const Precision precision{DType::bf16, DType::f32};
-      const Options fused{.device = Device::cuda(0), .precision = precision, .window_state = ws,
+      const Options fused{.device = Device::cuda(0), .precision = {DType::bf16, DType::f32}, .window_state = ws,
                           .fused_decode = FusedDecode::always};
-      Options unfused = fused;
-      unfused.fused_decode = FusedDecode::off;
-      const Compressor gpu(spec, w.view(spec), fused), gpu_unfused(spec, w.view(spec), unfused);
-      const Compressor cpu(spec, w.view(spec), {.precision = precision, .window_state = ws});
       const auto a = test::small_step_schedule(seqs, rng, 256), b = test::small_step_schedule(seqs, rng, 256);
       std::size_t widest = 0;
       for (const auto& step : a) widest = std::max(widest, step.size());
       // A group holds ceil(requests x row blocks / (3 x SMs)) requests, fewer than the step's.
       ASSERT_GE(widest, 16u) << "the schedule must cross several request groups";
-      auto gb = test::device_buffers(Device::cuda(0));
-      auto hb = test::host_buffers();
-      const test::Served ga = test::serve(gpu, seqs, a, *gb, rng);
-      const test::Served gb2 = test::serve(gpu, seqs, b, *gb, rng);
-      const test::Served un = test::serve(gpu_unfused, seqs, test::random_schedule(seqs, rng), *gb, rng);
-      const test::Served h = test::serve(cpu, seqs, a, *hb, rng);
-      ASSERT_EQ(ga.problems, "");
-      ASSERT_EQ(gb2.problems, "");
-      std::vector<std::uint16_t> got;
-      std::vector<double> host, other_path;
-      for (std::size_t i = 0; i < seqs.size(); ++i) {
-        if (ws == WindowState::rows) {
-          EXPECT_EQ(ga.cache[i], gb2.cache[i]) << "sequence " << i;
-        }
-        EXPECT_EQ(test::check_stored_entries(spec, ga.entries[i], ga.cache[i], seqs[i].length / spec.ratio), "");
-        got.insert(got.end(), ga.entries[i].begin(), ga.entries[i].end());
-        for (auto v : h.entries[i]) host.push_back(num::f32_from_bf16(v));
-        for (auto v : un.entries[i]) other_path.push_back(num::f32_from_bf16(v));
-      }
-      ASSERT_FALSE(host.empty());
-      const double tol = test::tolerance(precision);
-      std::printf("    %s%s: %zu steps, widest %zu requests, vs CPU %.3g, vs unfused %.3g\n", std::string(kind_name(kind)).c_str(),
-                  ws == WindowState::running ? " running" : "", a.size(), widest, test::relative_l2(got, host),
-                  test::relative_l2(got, other_path));
-      EXPECT_LE(test::relative_l2(got, host), tol);
-      EXPECT_LE(test::relative_l2(got, other_path), tol);
+      check_fused_serving(std::string(kind_name(kind)) + (ws == WindowState::running ? " running" : "") + ", widest " +
+                              std::to_string(widest) + " requests",
+                          spec, w, fused, seqs, a, b, false, rng);
     }
 }
 
