@@ -16,6 +16,12 @@
 // The counters return to zero at the end of every launch (the last block out resets them),
 // so a captured graph can replay the step.
 #include <algorithm>
+#ifdef DSV4_FUSED_TIMELINE
+#include <cstdio>
+#include <cstdlib>
+#include <mutex>
+#include <vector>
+#endif
 
 #include "cuda/device_utils.cuh"
 #include "cuda/finish_entry.cuh"
@@ -25,8 +31,42 @@ namespace dsv4::cuda {
 
 namespace {
 
+#ifdef DSV4_FUSED_TIMELINE
+// Diagnostics (CMake option DSV4_FUSED_TIMELINE): thread 0 of every block stamps the global
+// timer at the block's phases into its plan's record; at exit the process writes the last
+// launch of every plan to the CSV file named by $DSV4_FUSED_TIMELINE_CSV, which
+// scripts/fused-timeline.py summarizes. Shows where a step's time goes between blocks, which
+// no profiler that serializes kernels can show with programmatic dependent launch.
+// mark1 and mark2 depend on the block's first item: projection: x and the staged weights are in
+// shared memory / the products are summed (before the stores); pool: the slices are summed
+// into shared memory (after the row-block wait) / the pooled values are written (before the
+// state update); entry: every pool item is done / (unused).
+struct BlockStamps {
+  unsigned long long start, waited, mark1, mark2, first_end, exit;
+  int first_item, sm;
+};
+__device__ __forceinline__ unsigned long long global_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+// The block's stamps live in shared memory until it exits (a global read for "first stamp
+// wins" would add a memory round trip to every phase). The first stamp of a field wins, so
+// marks describe the block's first item.
+__shared__ BlockStamps s_stamps;
+#define DSV4_STAMP(f, field)                                      \
+  do {                                                            \
+    if (threadIdx.x == 0 && s_stamps.field == 0) s_stamps.field = global_ns(); \
+  } while (0)
+#else
+#define DSV4_STAMP(f, field) \
+  do {                       \
+  } while (0)
+#endif
+
 constexpr int kWarps = kFusedThreads / 32;
 constexpr int kMaxTiles = 8;   // 8-token tiles per pass: at most 64 tokens per pass
+constexpr int kStagePace = 2;  // k blocks of staged weights per group of copies before the wait
 constexpr int kLoadBatch = 4;  // 32-wide k blocks per register buffer: 4 KB per warp, two buffers
 // Padding of a staged x row: 64 bytes, so that a row is 64 bytes past a multiple of 128 and
 // the 8 lanes of each phase of a 16-byte shared load (2 tokens x 4 k offsets) hit distinct banks.
@@ -71,17 +111,55 @@ __device__ void stage_x(const FusedStep& f, int pass0, int n, int slice, std::ui
   cp_async_wait_all();
 }
 
+// Where chunk c (16 bytes, k 8c..8c+7) of item row r lies in the staged weights: rows of
+// 4 * staged chunks, so that a mma fragment's 8 lanes of a shared-load phase (rows g and g+1,
+// chunks t = 0..3 of one k block) hit distinct banks. With an odd number of staged k blocks a
+// row is already 64 bytes past a multiple of 128; with an even one, odd rows swap the two
+// halves of each 128 bytes.
+__device__ __forceinline__ int staged_chunk(int staged, int r, int c) {
+  return r * 4 * staged + (c ^ ((staged % 2 == 0 && (r & 1)) ? 4 : 0));
+}
+
 // One projection item: rows of row block `rb` of member `mb`, hidden slice `slice`, every
 // token; fp32 partial sums to out[64][tokens_cap]. In a 32-wide k block, lane (g, t) holds
 // k 8t..8t+7 of weight rows g and g+8 and of token g; the two mma instructions take k
 // 8t..8t+3 and 8t+4..8t+7. A and B use the same k order, so this is the plain dot product in
 // an order fixed by the slice alone.
+//
+// The first f.staged_kblocks k blocks of the item's weights are copied to shared memory `ws`
+// before the wait for the previous kernel and serve every pass; the rest stream through two
+// register buffers (the first two loaded before the wait, the others prefetched into L2 before
+// it). The k blocks are multiplied in k order either way, so the sums do not depend on how
+// many k blocks were staged.
+template <int kTiles>
 __device__ void project_item(const FusedStep& f, const FusedMember& mb, int rb, int slice, float* out,
-                             std::uint16_t* xs, bool& waited) {
+                             std::uint16_t* xs, std::uint16_t* ws, bool& waited) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int ks = f.hidden / kFusedSlices, nblocks = ks / 32, stride = ks + kXPad;
+  const int staged = f.staged_kblocks;
+  const std::uint16_t* item_w = mb.w + slice * ks;
+  {  // the staged k blocks, then an L2 prefetch of what the register buffers load after the wait
+    // Before the wait, the copies go out kStagePace k blocks at a time, two groups in flight
+    // (16 KB a block): the previous kernel's tail is a chain of dependent memory round trips,
+    // and a flood of every step's weights at once would queue each of them behind it.
+    const bool paced = !waited;
+    for (int kb0 = 0; kb0 < staged; kb0 += paced ? kStagePace : staged) {
+      const int chunks = 4 * (min(staged, kb0 + (paced ? kStagePace : staged)) - kb0);
+      for (int idx = threadIdx.x; idx < kFusedRowsPerBlock * chunks; idx += kFusedThreads) {
+        const int r = idx / chunks, c = 4 * kb0 + idx % chunks;
+        cp_async_16(ws + 8 * staged_chunk(staged, r, c),
+                    item_w + static_cast<std::int64_t>(block_column(mb.c, rb, r)) * f.hidden + 8 * c);
+      }
+      cp_async_commit();
+      if (paced) cp_async_wait_pending<1>();
+    }
+    const int later = staged + 2 * kLoadBatch;
+    if (later < nblocks && threadIdx.x < kFusedRowsPerBlock)
+      prefetch_l2(item_w + static_cast<std::int64_t>(block_column(mb.c, rb, threadIdx.x)) * f.hidden + 32 * later,
+                  static_cast<unsigned>(nblocks - later) * 64u);
+  }
   const std::int64_t row = block_column(mb.c, rb, 16 * warp) + g;
-  const std::uint16_t* w0 = mb.w + row * f.hidden + slice * ks + 8 * t;
+  const std::uint16_t* w0 = item_w + row * f.hidden + 8 * t;
   const std::uint16_t* w8 = w0 + 8 * static_cast<std::int64_t>(f.hidden);
   for (int pass0 = 0; pass0 < f.tokens; pass0 += f.tokens_per_pass) {
     const int n = min(f.tokens_per_pass, f.tokens - pass0), tiles = (n + 7) / 8;
@@ -92,42 +170,51 @@ __device__ void project_item(const FusedStep& f, const FusedMember& mb, int rb, 
       for (int j = 0; j < kLoadBatch; ++j)
         if (kb0 + j < nblocks) r[j][0] = load_once(w0 + (kb0 + j) * 32), r[j][1] = load_once(w8 + (kb0 + j) * 32);
     };
-    float acc[kMaxTiles][4] = {};
-    auto multiply = [&](const uint4 (&r)[kLoadBatch][2], int kb0) {
+    float acc[kTiles][4] = {};
+    auto multiply_block = [&](const uint4& lo, const uint4& hi, int kb) {
+      const std::uint16_t* xk = xs + g * stride + kb * 32 + 8 * t;
 #pragma unroll
-      for (int j = 0; j < kLoadBatch; ++j) {
-        if (kb0 + j < nblocks) {
-          const std::uint16_t* xk = xs + g * stride + (kb0 + j) * 32 + 8 * t;
-#pragma unroll
-          for (int tile = 0; tile < kMaxTiles; ++tile) {
-            if (tile < tiles) {
-              const uint4 x = *reinterpret_cast<const uint4*>(xk + tile * 8 * stride);
-              mma_bf16_16x8x16(acc[tile], r[j][0].x, r[j][1].x, r[j][0].y, r[j][1].y, x.x, x.y);
-              mma_bf16_16x8x16(acc[tile], r[j][0].z, r[j][1].z, r[j][0].w, r[j][1].w, x.z, x.w);
-            }
-          }
+      for (int tile = 0; tile < kTiles; ++tile) {
+        if (tile < tiles) {
+          const uint4 x = *reinterpret_cast<const uint4*>(xk + tile * 8 * stride);
+          mma_bf16_16x8x16(acc[tile], lo.x, hi.x, lo.y, hi.y, x.x, x.y);
+          mma_bf16_16x8x16(acc[tile], lo.z, hi.z, lo.w, hi.w, x.z, x.w);
         }
       }
     };
+    auto multiply = [&](const uint4 (&r)[kLoadBatch][2], int kb0) {
+#pragma unroll
+      for (int j = 0; j < kLoadBatch; ++j)
+        if (kb0 + j < nblocks) multiply_block(r[j][0], r[j][1], kb0 + j);
+    };
     // Both buffers load before the wait for the previous kernel (programmatic dependent
-    // launch): 2 x kLoadBatch k blocks of the item's weights stream during that kernel's tail.
-    load(a, 0);
-    load(b, kLoadBatch);
+    // launch), as do the staged k blocks: the weights stream during that kernel's tail.
+    load(a, staged);
+    load(b, staged + kLoadBatch);
     if (!waited) {  // weights never change; x, state and counters may come from the kernel before
       wait_for_previous_kernel();
       waited = true;
+      DSV4_STAMP(f, waited);
     }
     __syncthreads();  // the previous pass or item is done with xs
-    stage_x(f, pass0, n, slice, xs, stride);
+    stage_x(f, pass0, n, slice, xs, stride);  // also waits for this thread's staged weights
     __syncthreads();
-    for (int kb0 = 0; kb0 < nblocks; kb0 += 2 * kLoadBatch) {
+    DSV4_STAMP(f, mark1);
+#pragma unroll(kTiles == 1 ? 4 : 1)  // registers to spare only with one tile
+    for (int kb = 0; kb < staged; ++kb) {
+      const uint4 lo = *reinterpret_cast<const uint4*>(ws + 8 * staged_chunk(staged, 16 * warp + g, 4 * kb + t));
+      const uint4 hi = *reinterpret_cast<const uint4*>(ws + 8 * staged_chunk(staged, 16 * warp + g + 8, 4 * kb + t));
+      multiply_block(lo, hi, kb);
+    }
+    for (int kb0 = staged; kb0 < nblocks; kb0 += 2 * kLoadBatch) {
       multiply(a, kb0);
       if (kb0 + 2 * kLoadBatch < nblocks) load(a, kb0 + 2 * kLoadBatch);
       multiply(b, kb0 + kLoadBatch);
       if (kb0 + 3 * kLoadBatch < nblocks) load(b, kb0 + 3 * kLoadBatch);
     }
+    DSV4_STAMP(f, mark2);
 #pragma unroll
-    for (int tile = 0; tile < kMaxTiles; ++tile) {
+    for (int tile = 0; tile < kTiles; ++tile) {
       if (tile >= tiles) continue;
       float* o = out + static_cast<std::int64_t>(16 * warp + g) * f.tokens_cap + pass0 + tile * 8 + 2 * t;
       *reinterpret_cast<float2*>(o) = make_float2(acc[tile][0], acc[tile][1]);
@@ -269,16 +356,15 @@ __device__ float pool_channel(const FusedMember& mb, const float* vals, const Gr
   return total.a / total.s;
 }
 
-// Stages the group's per-request values while (thread 0) waiting for every slice of the row
-// block, then sums the slices of the group's tokens in slice order into vals (rounded as the
-// storage dtype would round kv_score).
-__device__ Group stage_group(const FusedStep& f, const FusedMember& mb, int rb_global, int group, char* smem) {
+// Stages the group's per-request values in shared memory. The plan's arrays are written once,
+// when the plan is made, and never by a kernel, so this may run before the wait for the
+// previous kernel.
+__device__ Group stage_plan(const FusedStep& f, const FusedMember& mb, int group, char* smem) {
   const DevicePlan& p = mb.p;
-  const int cap = f.tokens_cap;
   Group g;
   g.first = group * mb.group_requests;
   g.requests = min(mb.group_requests, p.num_requests - g.first);
-  char* at = smem + pool_vals_bytes(cap);
+  char* at = smem + pool_vals_bytes(f.tokens_cap);
   g.start = reinterpret_cast<std::int64_t*>(at);
   g.slot = g.start + mb.group_requests;
   g.token_offset = reinterpret_cast<int*>(g.slot + mb.group_requests);
@@ -289,16 +375,54 @@ __device__ Group stage_group(const FusedStep& f, const FusedMember& mb, int rb_g
     g.entry_offset[k] = static_cast<int>(p.entry_offset[g.first + k]);
     if (k < g.requests) g.start[k] = p.start[g.first + k], g.slot[k] = p.slot[g.first + k];
   }
-  if (threadIdx.x == 0)
-    while (load_acquire(&f.counters[kCounterRowBlocks + rb_global]) < static_cast<unsigned>(kFusedSlices)) __nanosleep(32);
   __syncthreads();
   const int t0 = g.token_offset[0], t1 = g.token_offset[g.requests];
   g.base = t0 & ~3;
-  const int span = ((t1 + 3) & ~3) - g.base;  // within [0, tokens_cap): every partial there is written
-  g.stride = span | 1;
+  g.stride = (((t1 + 3) & ~3) - g.base) | 1;
   for (int k = threadIdx.x; k < g.requests; k += kFusedThreads)
     for (int e = g.entry_offset[k]; e < g.entry_offset[k + 1]; ++e) g.entry_request[e - g.entry_offset[0]] = k;
+  __syncthreads();
+  return g;
+}
 
+// Asks L2 for the state the pool item will read (ratio 4: the stored rows of the windows that
+// complete; running state: the accumulators), so that after the wait those reads hit L2
+// instead of queueing in DRAM behind the next step's weight stream. A prefetch changes no
+// value (L2 is where every SM's reads and writes meet), so it may run before the wait.
+__device__ __noinline__ void prefetch_pool_state(const FusedMember& mb, const Group& g, int rb) {
+  const CompressorConsts& c = mb.c;
+  const StateView& st = mb.st;
+  const int ch = channels_per_block(c.overlap), hd = c.head_dim, elem = st.dtype == DType::f32 ? 4 : 2;
+  const auto bytes = static_cast<unsigned>(ch * elem);
+  if (st.running) {  // [m | s | a] x head_dim floats per slot: three lines per request
+    for (int idx = threadIdx.x; idx < 3 * g.requests; idx += kFusedThreads) {
+      const int r = idx / 3, part = idx % 3;
+      const char* slot = static_cast<const char*>(st.data) + g.slot[r] * st.slot_bytes;
+      prefetch_l2(slot + static_cast<std::int64_t>(part * hd + rb * ch) * 4, static_cast<unsigned>(ch * 4));
+    }
+    return;
+  }
+  if (!(c.overlap && c.ratio == 4)) return;
+  // A window completing at w reads positions 4(w - 1) .. 4w + 3; those before start are the
+  // 7 positions before start at most; each row holds the item's channels in 4 sections.
+  for (int idx = threadIdx.x; idx < 28 * g.requests; idx += kFusedThreads) {
+    const int r = idx / 28, j = idx % 28, back = 1 + j / 4, section = j % 4;
+    if (g.entry_offset[r + 1] == g.entry_offset[r] || g.start[r] < back) continue;
+    const std::int64_t position = g.start[r] - back;
+    const char* row = static_cast<const char*>(st.data) + g.slot[r] * st.slot_bytes +
+                      (position & (st.ring_rows - 1)) * st.width * elem;
+    prefetch_l2(row + static_cast<std::int64_t>(section * hd + rb * ch) * elem, bytes);
+  }
+}
+
+// Waits (thread 0) until every slice of the row block is written, then sums the slices of the
+// group's tokens in slice order into vals (rounded as the storage dtype would round kv_score).
+__device__ void sum_slices(const FusedStep& f, const FusedMember& mb, int rb_global, const Group& g, char* smem) {
+  const int cap = f.tokens_cap;
+  if (threadIdx.x == 0)
+    while (load_acquire(&f.counters[kCounterRowBlocks + rb_global]) < static_cast<unsigned>(kFusedSlices)) __nanosleep(32);
+  __syncthreads();
+  const int span = g.stride - 1;  // within [0, tokens_cap): every partial there is written
   const float* partial = f.partials + static_cast<std::int64_t>(rb_global) * kFusedSlices * kFusedRowsPerBlock * cap;
   const std::int64_t slice_stride = static_cast<std::int64_t>(kFusedRowsPerBlock) * cap;
   const int quads = span / 4, work = kFusedRowsPerBlock * quads;
@@ -321,13 +445,16 @@ __device__ Group stage_group(const FusedStep& f, const FusedMember& mb, int rb_g
     if (idx + kFusedThreads < work) sum4(idx + kFusedThreads);
   }
   __syncthreads();
-  return g;
 }
 
 // A pool item: the channels of row block `rb` for the requests of one group. Pools those
-// channels of every completed window of the group, then updates their state.
-__device__ void pool_item(const FusedStep& f, const FusedMember& mb, int rb_global, int rb, int group, char* smem) {
-  const Group g = stage_group(f, mb, rb_global, group, smem);
+// channels of every completed window of the group, counts itself done for the entries, then
+// updates those channels' state.
+// `g` comes from stage_plan.
+__device__ void pool_item(const FusedStep& f, int member, int rb_global, int rb, const Group& g, char* smem) {
+  const FusedMember& mb = f.m[member];
+  sum_slices(f, mb, rb_global, g, smem);
+  DSV4_STAMP(f, mark1);
   const float* vals = smem_vals(smem);
   const CompressorConsts& c = mb.c;
   const int ch = channels_per_block(c.overlap), hd = c.head_dim;
@@ -340,7 +467,12 @@ __device__ void pool_item(const FusedStep& f, const FusedMember& mb, int rb_glob
                                                                  ? pool_channel<float>(mb, vals, g, rb, el, d)
                                                                  : pool_channel<std::uint16_t>(mb, vals, g, rb, el, d);
   }
-  __syncthreads();  // pooling has read the state this item's channels are about to overwrite
+  // Pooling has read the state these channels are about to overwrite, and every pooled value
+  // is written: the entries may start now. The state update is for the next step only (it
+  // becomes visible when this kernel completes), so its stores stay off the entries' path.
+  __syncthreads();
+  if (threadIdx.x == 0) add_release(&f.counters[kCounterMemberDone + member], 1u);
+  DSV4_STAMP(f, mark2);
 
   if (mb.st.running) {  // update_running_kernel, for these channels, four pairs at once
     constexpr int kPairs = 4;
@@ -393,16 +525,36 @@ __device__ void pool_item(const FusedStep& f, const FusedMember& mb, int rb_glob
   }
 }
 
-__global__ void __launch_bounds__(kFusedThreads, 3) fused_step_kernel(const __grid_constant__ FusedStep f) {
+// Shared memory of a projection item: x of one pass, then the staged weights (128-aligned).
+__host__ __device__ constexpr std::size_t staged_weights_offset(const FusedStep& f) {
+  const std::size_t x_bytes = static_cast<std::size_t>(f.tokens_per_pass) * (f.hidden / kFusedSlices + kXPad) * 2;
+  return (x_bytes + 127) / 128 * 128;
+}
+
+constexpr int kBlocksPerSm = 3;  // the kernel's registers allow three blocks per SM
+
+// kTiles: 8-token tiles a pass holds at most (1 for steps of up to 8 tokens: fewer registers
+// and a shorter instruction stream on the decode path that matters most; else kMaxTiles).
+template <int kTiles>
+__global__ void __launch_bounds__(kFusedThreads, kBlocksPerSm) fused_step_kernel(const __grid_constant__ FusedStep f) {
   extern __shared__ uint4 smem[];
   __shared__ int s_ticket;
   auto* xs = reinterpret_cast<std::uint16_t*>(smem);
+  std::uint16_t* ws = xs + staged_weights_offset(f) / 2;
   auto* raw = reinterpret_cast<char*>(smem);
   unsigned* counters = f.counters;
   const int projection_items = f.row_blocks * kFusedSlices, pool_end = projection_items + f.pool_items;
   const int items = pool_end + f.entries;
   bool waited = false, released = false;
   int t = static_cast<int>(blockIdx.x);
+#ifdef DSV4_FUSED_TIMELINE
+  if (threadIdx.x == 0) {
+    s_stamps = BlockStamps{};
+    s_stamps.first_item = t < projection_items ? 0 : t < pool_end ? 1 : t < items ? 2 : 3;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(s_stamps.sm));
+  }
+  DSV4_STAMP(f, start);
+#endif
   while (t < items) {
     if (t < projection_items) {
       const int rb_global = t / kFusedSlices, slice = t % kFusedSlices;
@@ -410,48 +562,61 @@ __global__ void __launch_bounds__(kFusedThreads, 3) fused_step_kernel(const __gr
       const FusedMember& mb = f.m[m];
       const int rb = rb_global - mb.first_row_block;
       float* out = f.partials + (static_cast<std::int64_t>(rb_global) * kFusedSlices + slice) * kFusedRowsPerBlock * f.tokens_cap;
-      project_item(f, mb, rb, slice, out, xs, waited);
+      project_item<kTiles>(f, mb, rb, slice, out, xs, ws, waited);
       __syncthreads();  // every thread's partial sums are written; one release publishes them
       if (threadIdx.x == 0) add_release(&counters[kCounterRowBlocks + rb_global], 1u);
     } else {
-      if (!waited) {
-        wait_for_previous_kernel();
-        waited = true;
-      }
-      if (!released) {  // every weight has an owner now: the next kernel may start loading its own
-        allow_next_kernel();
-        released = true;
-      }
+      auto wait_once = [&] {
+        if (!waited) {
+          wait_for_previous_kernel();
+          waited = true;
+          DSV4_STAMP(f, waited);
+        }
+        if (!released) {  // every weight has an owner now: the next kernel may start loading its own
+          allow_next_kernel();
+          released = true;
+        }
+      };
       if (t < pool_end) {
         const int u = t - projection_items;
         const int m = (f.members > 1 && u >= f.m[1].first_pool_item) ? 1 : 0;
         const FusedMember& mb = f.m[m];
         const int local = u - mb.first_pool_item, rb = local / mb.groups;
-        pool_item(f, mb, mb.first_row_block + rb, rb, local % mb.groups, raw);
-        __syncthreads();  // every thread's pooled values and state are written
-        if (threadIdx.x == 0) add_release(&counters[kCounterMemberDone + m], 1u);
+        // The plan's values and an L2 prefetch of the state before the wait, the rest after.
+        const Group g = stage_plan(f, mb, local % mb.groups, raw);
+        prefetch_pool_state(mb, g, rb);
+        wait_once();
+        pool_item(f, m, mb.first_row_block + rb, rb, g, raw);
       } else {
         const int u = t - pool_end;
         const int m = (f.members > 1 && u >= f.m[1].first_entry) ? 1 : 0;
         const FusedMember& mb = f.m[m];
         const int e = u - mb.first_entry;
-        const EntryInputs in = load_entry_inputs(mb.c, mb.p, mb.cache != nullptr, e);  // before the wait
+        // Plan values and weights only (never written by a kernel): before the wait.
+        const EntryInputs in = load_entry_inputs(mb.c, mb.p, mb.cache != nullptr, e);
+        wait_once();
         if (threadIdx.x == 0) {
           const auto pool_items = static_cast<unsigned>(mb.row_blocks * mb.groups);
           while (load_acquire(&counters[kCounterMemberDone + m]) < pool_items) __nanosleep(32);
         }
         __syncthreads();
+        DSV4_STAMP(f, mark1);
         float* v = smem_vals(raw);
         finish_entry(mb.c, in, mb.pooled, mb.cache, mb.entries, e, v, v + kFinishMaxHeadDim);
       }
     }
     __syncthreads();
+    DSV4_STAMP(f, first_end);
     if (threadIdx.x == 0) s_ticket = static_cast<int>(gridDim.x + atomicAdd(&counters[kCounterTicket], 1u));
     __syncthreads();
     t = s_ticket;
   }
   if (!waited) wait_for_previous_kernel();
   __syncthreads();
+  DSV4_STAMP(f, exit);
+#ifdef DSV4_FUSED_TIMELINE
+  if (threadIdx.x == 0) static_cast<BlockStamps*>(f.timeline)[blockIdx.x] = s_stamps;
+#endif
   if (threadIdx.x == 0) {
     __threadfence();
     if (atomicAdd(&counters[kCounterExits], 1u) == gridDim.x - 1) {  // everyone else is done with the counters
@@ -464,15 +629,60 @@ __global__ void __launch_bounds__(kFusedThreads, 3) fused_step_kernel(const __gr
   }
 }
 
+// The kernel instance for a step: one 8-token tile per pass when the step has at most 8 tokens.
+using FusedKernel = void (*)(FusedStep);
+FusedKernel kernel_for(const FusedStep& f) {
+  return f.tokens_per_pass <= 8 ? fused_step_kernel<1> : fused_step_kernel<kMaxTiles>;
+}
+
 std::size_t shared_bytes(const FusedStep& f) {
-  const std::size_t ks = static_cast<std::size_t>(f.hidden / kFusedSlices);
-  const std::size_t x_bytes = static_cast<std::size_t>(f.tokens_per_pass) * (ks + kXPad) * 2;
+  const std::size_t staged_bytes = static_cast<std::size_t>(f.staged_kblocks) * kFusedRowsPerBlock * 64;
   int group_requests = 0;
   for (int m = 0; m < f.members; ++m) group_requests = std::max(group_requests, f.m[m].group_requests);
   const std::size_t pool_bytes = pool_vals_bytes(f.tokens_cap) + pool_group_bytes(group_requests, f.tokens_cap);
   const std::size_t finish_bytes = (kFinishMaxHeadDim + 32) * 4;
-  return std::max({x_bytes, pool_bytes, finish_bytes});
+  return std::max({staged_weights_offset(f) + staged_bytes, pool_bytes, finish_bytes});
 }
+
+#ifdef DSV4_FUSED_TIMELINE
+struct TimelineRegistry {
+  std::mutex mutex;
+  std::vector<std::pair<BlockStamps*, int>> records;  // one per plan, in creation order
+  std::vector<int> staged;                            // each plan's staged_kblocks
+};
+TimelineRegistry& timeline_registry() {
+  static TimelineRegistry* r = new TimelineRegistry;  // outlives the atexit handler
+  return *r;
+}
+void write_timeline() {
+  const char* path = std::getenv("DSV4_FUSED_TIMELINE_CSV");
+  if (!path) return;
+  FILE* out = std::fopen(path, "w");
+  if (!out) return;
+  std::fprintf(out, "plan,staged_kblocks,block,sm,first_item,start,waited,mark1,mark2,first_end,exit\n");
+  auto& r = timeline_registry();
+  for (std::size_t p = 0; p < r.records.size(); ++p) {
+    std::vector<BlockStamps> host(static_cast<std::size_t>(r.records[p].second));
+    if (cudaMemcpy(host.data(), r.records[p].first, host.size() * sizeof(BlockStamps), cudaMemcpyDeviceToHost) != cudaSuccess) break;
+    for (std::size_t b = 0; b < host.size(); ++b)
+      std::fprintf(out, "%zu,%d,%zu,%d,%d,%llu,%llu,%llu,%llu,%llu,%llu\n", p, r.staged[p], b, host[b].sm,
+                   host[b].first_item, host[b].start, host[b].waited, host[b].mark1, host[b].mark2, host[b].first_end,
+                   host[b].exit);
+  }
+  std::fclose(out);
+}
+void attach_timeline(FusedStep& f, int blocks) {
+  auto& r = timeline_registry();
+  std::lock_guard<std::mutex> lock(r.mutex);
+  if (r.records.empty()) std::atexit(write_timeline);
+  void* p = nullptr;
+  DSV4_CUDA_CHECK(cudaMalloc(&p, static_cast<std::size_t>(blocks) * sizeof(BlockStamps)));
+  DSV4_CUDA_CHECK(cudaMemset(p, 0, static_cast<std::size_t>(blocks) * sizeof(BlockStamps)));
+  r.records.emplace_back(static_cast<BlockStamps*>(p), blocks);
+  r.staged.push_back(f.staged_kblocks);
+  f.timeline = p;
+}
+#endif
 
 }  // namespace
 
@@ -507,13 +717,36 @@ int fused_prepare_launch(FusedStep& f, int device) {
   const int ks = f.hidden / kFusedSlices;
   const int fit = (72 * 1024 / ((ks + kXPad) * 2)) / 8 * 8;
   f.tokens_per_pass = std::max(8, std::min({kMaxTiles * 8, f.tokens_cap, fit}));
-  const std::size_t smem = shared_bytes(f);
-  DSV4_CUDA_CHECK(cudaFuncSetAttribute(fused_step_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       static_cast<int>(smem)));
+  // As many k blocks of each projection item's weights in shared memory as leave room for
+  // three blocks per SM: all of them for Flash steps of up to 8 tokens, 15 of 28 for Pro.
+  int sm_bytes = 0, reserved = 0, optin = 0;
+  DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&sm_bytes, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
+  DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, device));
+  DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  cudaFuncAttributes attributes{};
+  const FusedKernel kernel = kernel_for(f);
+  DSV4_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  const std::int64_t budget = sm_bytes / kBlocksPerSm - reserved - static_cast<std::int64_t>(attributes.sharedSizeBytes) -
+                              static_cast<std::int64_t>(staged_weights_offset(f));
+  f.staged_kblocks = static_cast<int>(std::clamp<std::int64_t>(budget / (kFusedRowsPerBlock * 64), 0, ks / 32));
+  // Plans of different shapes may be launched in any order: allow the most any plan may ask.
+  DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       optin - static_cast<int>(attributes.sharedSizeBytes)));
+  // The kernel barely uses L1 (weights and partials bypass it): give shared memory the most.
+  DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                       cudaSharedmemCarveoutMaxShared));
   int per_sm = 0;
-  DSV4_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fused_step_kernel, kFusedThreads, smem));
+  for (;;) {
+    DSV4_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kFusedThreads, shared_bytes(f)));
+    if (per_sm >= kBlocksPerSm || f.staged_kblocks == 0) break;
+    --f.staged_kblocks;
+  }
   const int items = f.row_blocks * kFusedSlices + f.pool_items + f.entries;
-  return std::max(1, std::min(items, std::max(1, per_sm) * sms));
+  const int blocks = std::max(1, std::min(items, std::max(1, per_sm) * sms));
+#ifdef DSV4_FUSED_TIMELINE
+  attach_timeline(f, blocks);
+#endif
+  return blocks;
 }
 
 void launch_fused_step(const FusedStep& f, int blocks, bool pdl, cudaStream_t stream) {
@@ -527,7 +760,7 @@ void launch_fused_step(const FusedStep& f, int blocks, bool pdl, cudaStream_t st
   attr.val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = &attr;
   cfg.numAttrs = pdl ? 1 : 0;
-  DSV4_CUDA_CHECK(cudaLaunchKernelEx(&cfg, fused_step_kernel, f));
+  DSV4_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel_for(f), f));
 }
 
 }  // namespace dsv4::cuda

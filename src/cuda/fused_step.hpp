@@ -44,6 +44,8 @@ struct FusedStep {
   int tokens = 0;
   int hidden = 0;
   int tokens_per_pass = 0;  // tokens whose x slice is staged in shared memory at once
+  int staged_kblocks = 0;   // 32-wide k blocks of a projection item's weights held in shared
+                            // memory for all passes, copied there before the wait
   int members = 0;
   FusedMember m[kFusedMaxMembers];
   int row_blocks = 0;  // all members
@@ -52,13 +54,14 @@ struct FusedStep {
   float* partials = nullptr;      // [row_blocks][kFusedSlices][kFusedRowsPerBlock][tokens_cap]
   unsigned* counters = nullptr;   // see fused_counter_count; zero between launches
   int tokens_cap = 0;             // tokens rounded up to 8
+  void* timeline = nullptr;       // per-block phase stamps, only in DSV4_FUSED_TIMELINE builds
 };
 
 // Whether a compressor of this shape can take the fused path.
 bool fused_shape_supported(int head_dim, std::int64_t hidden);
 std::size_t fused_counter_count(const FusedStep& f);
 std::size_t fused_partial_floats(const FusedStep& f);
-// Fills tokens_per_pass and the request groups, and returns the blocks to launch (the kernel is persistent: it never
+// Fills tokens_per_pass, staged_kblocks and the request groups, and returns the blocks to launch (the kernel is persistent: it never
 // launches more blocks than can be resident at once).
 int fused_prepare_launch(FusedStep& f, int device);
 // Launches with programmatic dependent launch, so that the weight loads of this step may
