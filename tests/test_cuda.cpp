@@ -302,6 +302,54 @@ TEST(CudaFusedGroup, OneLaunchMatchesMembersAloneBitForBit) {
     }
 }
 
+// Fused plans of different sizes (different kernel instances and shared memory) may all be made
+// first and run later in any order, and give the bits of plans made just before their run.
+TEST(CudaFusedPlans, MadeTogetherRunInAnyOrder) {
+  REQUIRE_GPU();
+  CompressorSpec spec = CompressorSpec::preset(Model::flash, CompressorKind::csa_main);
+  if (small()) spec.hidden = 256;
+  std::mt19937_64 rng(std::random_device{}());
+  const RandomWeights w = random_weights(spec, rng());
+  const Compressor gpu(spec, w.view(spec), {.device = Device::cuda(0), .precision = {DType::bf16, DType::f32},
+                                            .fused_decode = FusedDecode::always});
+  // Two requests in their own slots: 4 tokens (one tile, every weight staged), 200 tokens.
+  std::vector<Batch> steps(2);
+  steps[0].add(0, 0, 4);
+  steps[1].add(1, 0, 200);
+  std::vector<std::vector<std::uint16_t>> xs;
+  std::vector<std::unique_ptr<Buffer>> x, out_early, out_late;
+  for (Batch& b : steps) {
+    const std::int64_t n = b.requests[0].num_tokens, e = windows_completed(0, n, spec.ratio);
+    for (std::int64_t k = 0; k < e; ++k) b.cache_locations.push_back(k);
+    xs.push_back(random_x(n, spec.hidden, rng));
+    x.push_back(std::make_unique<Buffer>(Device::cuda(0), xs.back().size() * 2));
+    x.back()->upload(xs.back().data(), xs.back().size() * 2);
+    for (auto* outs : {&out_early, &out_late}) {
+      outs->push_back(std::make_unique<Buffer>(Device::cuda(0), static_cast<std::size_t>(e * spec.head_dim * 2)));
+      outs->back()->fill(0xff);
+    }
+  }
+  auto outputs = [&](std::vector<std::unique_ptr<Buffer>>& outs, std::size_t k) {
+    const std::int64_t e = static_cast<std::int64_t>(steps[k].cache_locations.size());
+    return RunOutputs{std::nullopt, outs[k]->view(DType::bf16, {e, spec.head_dim})};
+  };
+  auto x_view = [&](std::size_t k) { return x[k]->view(DType::bf16, {steps[k].requests[0].num_tokens, spec.hidden}); };
+  StatePool early(gpu, 2), late(gpu, 2);
+  const Plan p0 = gpu.plan(steps[0], early), p1 = gpu.plan(steps[1], early);
+  ASSERT_TRUE(p0.fused() && p1.fused());
+  gpu.run(p0, x_view(0), early, outputs(out_early, 0));
+  gpu.run(p1, x_view(1), early, outputs(out_early, 1));
+  for (std::size_t k : {1u, 0u}) gpu.forward(steps[k], x_view(k), late, outputs(out_late, k));
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  for (std::size_t k = 0; k < steps.size(); ++k) {
+    std::vector<std::uint16_t> a(out_early[k]->size() / 2), b(a.size());
+    out_early[k]->download(a.data(), a.size() * 2);
+    out_late[k]->download(b.data(), b.size() * 2);
+    for (std::uint16_t v : a) ASSERT_TRUE(std::isfinite(num::f32_from_bf16(v))) << "unwritten entry, step " << k;
+    EXPECT_EQ(a, b) << "step " << k;
+  }
+}
+
 // A whole run captured in a CUDA graph, replayed with new x and a restored state: each replay
 // gives the same bits as an eager run on the same inputs, on a non-default stream.
 TEST(CudaGraph, CapturedRunReplaysWithNewInputs) {

@@ -126,6 +126,9 @@ class CudaBackend final : public Backend {
     consts_.ape = static_cast<const float*>(ape_.get());
     consts_.norm = static_cast<const float*>(norm_.get());
     consts_.inv_freq = static_cast<const float*>(inv_freq_.get());
+    int major = 0;
+    DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device_));
+    pdl_ = major >= 9;
   }
 
   std::shared_ptr<void> allocate_zeroed(std::size_t bytes) const override {
@@ -161,6 +164,8 @@ class CudaBackend final : public Backend {
     cp->view.entry_request = base + 5 * b + 2 + e;
     cp->view.num_requests = static_cast<int>(b);
     cp->view.num_entries = static_cast<int>(e);
+    for (const Request& q : plan.requests)
+      cp->view.max_request_tokens = std::max(cp->view.max_request_tokens, static_cast<int>(q.num_tokens));
     cp->pooled = device_alloc(device_, static_cast<std::size_t>(std::max<std::int64_t>(plan.num_entries(), 1) * spec_.head_dim) * 4);
     if (own_rows && fused_wins(plan)) {
       cp->fused = make_fused_plan(device_, {fused_member(*cp, wkv_gate_.get())}, plan.num_tokens(), spec_.hidden);
@@ -194,11 +199,11 @@ class CudaBackend final : public Backend {
     const cuda::KvScoreView kv{rows.data, rows.dtype, rows.ld};
     const cuda::StateView st = state_view(state);
     auto* pooled = static_cast<float*>(cp.pooled.get());
-    cuda::launch_pool_windows(consts_, cp.view, kv, st, pooled, stream);
-    cuda::launch_update_state(consts_, cp.view, kv, st, stream);
+    cuda::launch_pool_windows(consts_, cp.view, kv, st, pooled, stream, pdl_);
+    cuda::launch_update_state(consts_, cp.view, kv, st, stream, pdl_);
     cuda::launch_finish_entries(consts_, cp.view, pooled,
                                 outputs.cache ? outputs.cache->as<std::uint8_t>() : nullptr,
-                                outputs.entries ? outputs.entries->as<std::uint16_t>() : nullptr, stream);
+                                outputs.entries ? outputs.entries->as<std::uint16_t>() : nullptr, stream, pdl_);
   }
 
   std::unique_ptr<GroupProjection> make_group_projection(const std::vector<const Backend*>& members) const override;
@@ -250,6 +255,7 @@ class CudaBackend final : public Backend {
   cuda::Projection projection_;
   std::shared_ptr<void> wkv_gate_, ape_, norm_, inv_freq_;
   cuda::CompressorConsts consts_;
+  bool pdl_ = false;  // programmatic dependent launches (sm_90 and later)
 };
 
 // x @ [w_1; w_2; ...]^T in one cuBLASLt call over the members' concatenated weights, or, for

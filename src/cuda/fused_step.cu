@@ -26,6 +26,7 @@
 #include "cuda/device_utils.cuh"
 #include "cuda/finish_entry.cuh"
 #include "cuda/fused_step.hpp"
+#include "cuda/launch.cuh"
 
 namespace dsv4::cuda {
 
@@ -750,17 +751,7 @@ int fused_prepare_launch(FusedStep& f, int device) {
 }
 
 void launch_fused_step(const FusedStep& f, int blocks, bool pdl, cudaStream_t stream) {
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(static_cast<unsigned>(blocks));
-  cfg.blockDim = dim3(kFusedThreads);
-  cfg.dynamicSmemBytes = shared_bytes(f);
-  cfg.stream = stream;
-  cudaLaunchAttribute attr{};
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = &attr;
-  cfg.numAttrs = pdl ? 1 : 0;
-  DSV4_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel_for(f), f));
+  launch_kernel(kernel_for(f), dim3(static_cast<unsigned>(blocks)), dim3(kFusedThreads), shared_bytes(f), stream, pdl, f);
 }
 
 }  // namespace dsv4::cuda

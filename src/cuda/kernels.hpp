@@ -11,8 +11,9 @@
 namespace dsv4::cuda {
 
 // A plan as kernels read it: per-request arrays and per-entry cache rows, in device memory.
-// Kernels derive every window from these, so a captured graph can be replayed after new
-// values are written into the same arrays.
+// Kernels derive every window from these rather than from host values. The arrays are written
+// once, synchronously, when the plan is made, and never by a kernel: kernels launched as
+// programmatic dependents read them before waiting for the kernel before them.
 struct DevicePlan {
   const std::int64_t* slot = nullptr;
   const std::int64_t* start = nullptr;
@@ -23,6 +24,7 @@ struct DevicePlan {
   const std::int64_t* entry_request = nullptr;   // [entries]: the request each entry belongs to
   int num_requests = 0;
   int num_entries = 0;
+  int max_request_tokens = 0;  // the most tokens any one request appends
 };
 
 // This call's kv_score rows: kv columns [0, coff*hd), score columns [coff*hd, 2*coff*hd).
@@ -58,19 +60,23 @@ struct CompressorConsts {
   const float* inv_freq = nullptr;  // [rope_dim / 2]
 };
 
+// The three kernels of the unfused path, in this order after the projection. With `pdl`
+// (sm_90 and later) each is a programmatic dependent launch (launch.cuh): it reads its plan
+// and weights while the kernel before it finishes.
+
 // Pools every completed window: pooled[entry, head_dim] fp32 (before the norm).
 void launch_pool_windows(const CompressorConsts& c, const DevicePlan& plan, KvScoreView kv, StateView state,
-                         float* pooled, cudaStream_t stream);
+                         float* pooled, cudaStream_t stream, bool pdl);
 
 // Per entry: RMSNorm, RoPE, rotation, then quantization and store. `cache` and `entries` may
 // each be null.
 void launch_finish_entries(const CompressorConsts& c, const DevicePlan& plan, const float* pooled,
-                           std::uint8_t* cache, std::uint16_t* entries, cudaStream_t stream);
+                           std::uint8_t* cache, std::uint16_t* entries, cudaStream_t stream, bool pdl);
 
 // Copies into each request's ring the rows later calls still need (or, with running state,
 // folds the call's tokens into its accumulators). Runs after launch_pool_windows, which may
 // still read what this overwrites.
 void launch_update_state(const CompressorConsts& c, const DevicePlan& plan, KvScoreView kv,
-                         StateView state, cudaStream_t stream);
+                         StateView state, cudaStream_t stream, bool pdl);
 
 }  // namespace dsv4::cuda

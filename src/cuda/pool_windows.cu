@@ -5,6 +5,7 @@
 // groups at once); ratio 4 with many entries instead has one thread per channel walk all 8.
 #include "cuda/device_utils.cuh"
 #include "cuda/kernels.hpp"
+#include "cuda/launch.cuh"
 
 namespace dsv4::cuda {
 
@@ -56,6 +57,9 @@ __global__ void __launch_bounds__(kChannels * kGroups) pool_windows_kernel(Compr
       static_cast<const ScoreT*>(kv.data) + p.token_offset[i] * kv.ld, kv.ld,
       reinterpret_cast<const StateT*>(static_cast<const char*>(st.data) + p.slot[i] * st.slot_bytes),
       st.ring_rows - 1, st.width, start, c.round_bf16};
+  // The plan's values above; kv_score and the state below may come from the kernels before.
+  wait_for_previous_kernel();
+  allow_next_kernel();
 
   // Slot j: ratio 128 has the window's tokens; ratio 4 has the previous window's tokens on
   // channel half 0 (absent for window 0), then the current window's on channel half 1.
@@ -114,22 +118,22 @@ __global__ void __launch_bounds__(kChannels * kGroups) pool_windows_kernel(Compr
 
 template <class ScoreT, class StateT>
 void launch(const CompressorConsts& c, const DevicePlan& p, KvScoreView kv, StateView st, float* pooled,
-            cudaStream_t stream) {
+            cudaStream_t stream, bool pdl) {
   const dim3 block = c.overlap && p.num_entries >= kOneGroupFrom ? dim3(kOverlapChannels, 1) : dim3(kChannels, kGroups);
   const dim3 grid(static_cast<unsigned>(p.num_entries), ceil_div(c.head_dim, block.x));
-  pool_windows_kernel<ScoreT, StateT><<<grid, block, 0, stream>>>(c, p, kv, st, pooled);
+  launch_kernel(pool_windows_kernel<ScoreT, StateT>, grid, block, 0, stream, pdl, c, p, kv, st, pooled);
 }
 
 }  // namespace
 
 void launch_pool_windows(const CompressorConsts& c, const DevicePlan& p, KvScoreView kv, StateView st, float* pooled,
-                         cudaStream_t stream) {
+                         cudaStream_t stream, bool pdl) {
   if (p.num_entries == 0) return;
   const bool score_f32 = kv.dtype == DType::f32, state_f32 = st.dtype == DType::f32;
-  if (score_f32 && state_f32) launch<float, float>(c, p, kv, st, pooled, stream);
-  else if (score_f32) launch<float, std::uint16_t>(c, p, kv, st, pooled, stream);
-  else if (state_f32) launch<std::uint16_t, float>(c, p, kv, st, pooled, stream);
-  else launch<std::uint16_t, std::uint16_t>(c, p, kv, st, pooled, stream);
+  if (score_f32 && state_f32) launch<float, float>(c, p, kv, st, pooled, stream, pdl);
+  else if (score_f32) launch<float, std::uint16_t>(c, p, kv, st, pooled, stream, pdl);
+  else if (state_f32) launch<std::uint16_t, float>(c, p, kv, st, pooled, stream, pdl);
+  else launch<std::uint16_t, std::uint16_t>(c, p, kv, st, pooled, stream, pdl);
   DSV4_CUDA_CHECK(cudaGetLastError());
 }
 
