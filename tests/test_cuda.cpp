@@ -217,8 +217,9 @@ TEST_P(CudaFused, DecodeStepsMatchCpuAndSplitsAreBitIdentical) {
       EXPECT_FALSE(gpu_unfused.plan(one, pool).fused());
       const Compressor chooser(spec, w.view(spec), automatic);
       StatePool pool_a(chooser, 1);
-      EXPECT_EQ(chooser.plan(one, pool_a).fused(), spec.overlap()) << "the automatic choice fuses a one-token CSA step";
-      EXPECT_FALSE(chooser.plan(many, pool_a).fused()) << "and leaves 200 tokens, and HCA, to the unfused path";
+      EXPECT_EQ(chooser.plan(one, pool_a).fused(), spec.overlap() || ws == WindowState::running)
+          << "the automatic choice fuses a one-token CSA step, and HCA's with running state";
+      EXPECT_FALSE(chooser.plan(many, pool_a).fused()) << "and leaves 200 tokens to the unfused path";
     }
     // b decodes one token per sequence per step, at most 8 tokens a step (one 8-token tile, the
     // automatic choice's range), a's steps take up to 256 tokens in several passes of tiles.

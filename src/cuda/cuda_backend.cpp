@@ -215,11 +215,14 @@ class CudaBackend final : public Backend {
   bool fused_wins(const detail::PlanData& plan) const {
     if (options_.fused_decode == FusedDecode::off) return false;
     if (plan.num_tokens() < 1 || plan.num_tokens() > cuda::kFusedMaxTokens) return false;
-    // Measured on the H100 against the library's unfused path (docs/PERF.md): at ratio 4 the
-    // fused step wins up to 8 tokens (Flash CSA main B=1 18.3 against 23.1 us, a CSA layer
-    // 20.2 against 35-39) and loses from 32 tokens on when no window completes; at ratio 128
-    // it loses 2 us on the steps where no window completes (127 in 128), so HCA stays unfused.
-    if (options_.fused_decode == FusedDecode::automatic && (!spec_.overlap() || plan.num_tokens() > kFusedAutoMaxTokens))
+    // Measured on the H100 against the library's unfused path with the same state (docs/PERF.md,
+    // 2026-11-24): up to 8 tokens the fused step wins at ratio 4 (Flash CSA main B=1 13.9
+    // against 17.3 us, CSA layer 16.8 against 31) and at ratio 128 with running state, whether
+    // a window completes or not (Flash HCA B=1 11.4 against 16.2, no window 9.9 against 10.7;
+    // Pro 14.9 against 20.5, no window 14.6 against 15.1); from 32 tokens on it loses. Ratio
+    // 128 with stored rows stays unfused (below).
+    if (options_.fused_decode == FusedDecode::automatic &&
+        (plan.num_tokens() > kFusedAutoMaxTokens || (!spec_.overlap() && options_.window_state != WindowState::running)))
       return false;
     if (!cuda::fused_shape_supported(static_cast<int>(spec_.head_dim), spec_.hidden))
       return false;
