@@ -66,7 +66,7 @@ __shared__ BlockStamps s_stamps;
 #endif
 
 constexpr int kWarps = kFusedThreads / 32;
-constexpr int kMaxTiles = 8;   // 8-token tiles per pass: at most 64 tokens per pass
+constexpr int kMaxTiles = 4;   // 8-token tiles per pass: at most 32 tokens per pass
 constexpr int kStagePace = 2;  // k blocks of staged weights per group of copies before the wait
 constexpr int kLoadBatch = 4;  // 32-wide k blocks per register buffer: 4 KB per warp, two buffers
 // Padding of a staged x row: 64 bytes, so that a row is 64 bytes past a multiple of 128 and
@@ -171,15 +171,18 @@ __device__ void project_item(const FusedStep& f, const FusedMember& mb, int rb, 
       for (int j = 0; j < kLoadBatch; ++j)
         if (kb0 + j < nblocks) r[j][0] = load_once(w0 + (kb0 + j) * 32), r[j][1] = load_once(w8 + (kb0 + j) * 32);
     };
-    float acc[kTiles][4] = {};
+    // Two accumulators per tile: the first mma of every k block adds into one, the second
+    // into the other, and they are added at the end. Half as long a chain of dependent mma
+    // (a one-token item is nothing else), the same order whatever the batch.
+    float acc[kTiles][2][4] = {};
     auto multiply_block = [&](const uint4& lo, const uint4& hi, int kb) {
       const std::uint16_t* xk = xs + g * stride + kb * 32 + 8 * t;
 #pragma unroll
       for (int tile = 0; tile < kTiles; ++tile) {
         if (tile < tiles) {
           const uint4 x = *reinterpret_cast<const uint4*>(xk + tile * 8 * stride);
-          mma_bf16_16x8x16(acc[tile], lo.x, hi.x, lo.y, hi.y, x.x, x.y);
-          mma_bf16_16x8x16(acc[tile], lo.z, hi.z, lo.w, hi.w, x.z, x.w);
+          mma_bf16_16x8x16(acc[tile][0], lo.x, hi.x, lo.y, hi.y, x.x, x.y);
+          mma_bf16_16x8x16(acc[tile][1], lo.z, hi.z, lo.w, hi.w, x.z, x.w);
         }
       }
     };
@@ -218,8 +221,10 @@ __device__ void project_item(const FusedStep& f, const FusedMember& mb, int rb, 
     for (int tile = 0; tile < kTiles; ++tile) {
       if (tile >= tiles) continue;
       float* o = out + static_cast<std::int64_t>(16 * warp + g) * f.tokens_cap + pass0 + tile * 8 + 2 * t;
-      *reinterpret_cast<float2*>(o) = make_float2(acc[tile][0], acc[tile][1]);
-      *reinterpret_cast<float2*>(o + 8 * f.tokens_cap) = make_float2(acc[tile][2], acc[tile][3]);
+      const float* u = acc[tile][0];
+      const float* v = acc[tile][1];
+      *reinterpret_cast<float2*>(o) = make_float2(u[0] + v[0], u[1] + v[1]);
+      *reinterpret_cast<float2*>(o + 8 * f.tokens_cap) = make_float2(u[2] + v[2], u[3] + v[3]);
     }
   }
 }
@@ -714,7 +719,7 @@ int fused_prepare_launch(FusedStep& f, int device) {
     mb.first_pool_item = f.pool_items;
     f.pool_items += mb.row_blocks * mb.groups;
   }
-  // As many tokens per pass as fit 72 KiB of staged x (Flash: 64, Pro: 40), in 8-token tiles.
+  // As many tokens per pass as fit 72 KiB of staged x, in 8-token tiles (32 for either model).
   const int ks = f.hidden / kFusedSlices;
   const int fit = (72 * 1024 / ((ks + kXPad) * 2)) / 8 * 8;
   f.tokens_per_pass = std::max(8, std::min({kMaxTiles * 8, f.tokens_cap, fit}));
