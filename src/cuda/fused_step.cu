@@ -1,16 +1,20 @@
 // The fused decode step (see fused_step.hpp). A persistent kernel works through tickets in
 // order: projection items, then pool items, then one item per completed entry.
-//  - A projection item streams 64 weight rows x one slice of hidden once, multiplies them with
+//  - A projection item reads 64 weight rows x one slice of hidden once, multiplies them with
 //    the step's x (staged in shared memory) on tensor cores and writes fp32 partial sums.
 //  - A pool item takes a row block's channels for one group of requests: it waits until every
 //    slice of the row block is written, adds the group's tokens' 8 partials in slice order
-//    (kv_score, on chip), pools those channels of the group's completed windows, then updates
-//    those channels of the group's state. A row block holds, for its channels, every column the
+//    (kv_score, on chip), pools those channels of the group's completed windows, counts itself
+//    done, then updates those channels of the group's state. A row block holds, for its channels, every column the
 //    pooling needs (ratio 4: kv and score of both channel halves; else kv, score). Cutting the
 //    batch into groups keeps each item short, so the pooling of a large batch spreads over
 //    the whole grid instead of queueing behind one block per row block.
 //  - An entry item waits until every pool item of its compressor is done, then runs the
 //    epilogue (norm, RoPE, rotation, fp8, store) shared with finish_entries.
+// Before the wait for the previous kernel (programmatic dependent launch) a block does what
+// reads only weights and the plan: a projection item copies its weights into shared memory
+// (paced) and prefetches the rest into L2, a pool item stages its plan values and prefetches
+// its state rows into L2, an entry item loads its inputs.
 // Tickets are taken in order and only projection items never wait, so when any block waits,
 // every item it waits for has a running owner: no deadlock, whatever the residency.
 // The counters return to zero at the end of every launch (the last block out resets them),

@@ -2,8 +2,9 @@
 // compressors (a CSA layer's main and indexer share x), forms kv_score on chip, pools every
 // completed window, updates the state, and finishes and stores the entries.
 //
-// The projection's arithmetic is fixed whatever the batch: hidden is cut into kSlices equal
-// slices, each slice's dot product runs on tensor cores from zero in a fixed k order, and the
+// The projection's arithmetic is fixed whatever the batch: hidden is cut into kFusedSlices
+// equal slices; in each slice two accumulators start from zero and take, in k order, the first
+// and the second half of every 32-wide k block on tensor cores, and are then added; the
 // slices' partial sums are added in slice order. So a token's kv_score bits never depend on
 // the other tokens of the step, and the split invariance of SPEC section 3 holds among steps
 // that take this path.
