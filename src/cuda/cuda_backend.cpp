@@ -38,8 +38,15 @@ std::shared_ptr<void> device_copy(int device, const std::vector<T>& host) {
   return p;
 }
 
-// The automatic choice takes the fused step up to this many tokens (ratio 4 only).
+// The automatic choice takes the fused step up to this many tokens (fused_wins).
 constexpr std::int64_t kFusedAutoMaxTokens = 8;
+
+// Programmatic dependent launches (launch.cuh) need sm_90 or later.
+bool dependent_launch_supported(int device) {
+  int major = 0;
+  DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major >= 9;
+}
 
 // A plan's fused step: everything but the run's tensors, and the workspace (partial sums,
 // then the kernel's counters, zeroed once and reset by every launch).
@@ -73,9 +80,7 @@ std::shared_ptr<FusedPlan> make_fused_plan(int device, const std::vector<cuda::F
   f.partials = static_cast<float*>(p);
   f.counters = reinterpret_cast<unsigned*>(static_cast<char*>(p) + partial_bytes);
   fp->blocks = cuda::fused_prepare_launch(f, device);
-  int major = 0;
-  DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  fp->pdl = major >= 9;
+  fp->pdl = dependent_launch_supported(device);
   return fp;
 }
 
@@ -126,9 +131,7 @@ class CudaBackend final : public Backend {
     consts_.ape = static_cast<const float*>(ape_.get());
     consts_.norm = static_cast<const float*>(norm_.get());
     consts_.inv_freq = static_cast<const float*>(inv_freq_.get());
-    int major = 0;
-    DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device_));
-    pdl_ = major >= 9;
+    pdl_ = dependent_launch_supported(device_);
   }
 
   std::shared_ptr<void> allocate_zeroed(std::size_t bytes) const override {
