@@ -42,14 +42,14 @@ def main(path, first=0, last=1 << 30):
         print(f"  start            {span(b['start'] for b in blocks)}")
         print(f"  wait returned    {span(b['waited'] for b in blocks)}")
         for kind, marks in ((0, ("x + weights in smem", "products summed")),
-                            (1, ("slices summed", "pooled written")),
-                            (2, ("pool items done", None))):
+                            (1, ("slices summed", "pooled written", "state updated")),
+                            (2, ("pool items done",))):
             mine = [b for b in blocks if b["first_item"] == kind]
             if not mine:
                 continue
             print(f"  {KINDS[kind]} items ({len(mine)} blocks)")
-            for field, label in zip(("mark1", "mark2"), marks):
-                if label:
+            for field, label in zip(("mark1", "mark2", "mark3"), marks):
+                if any(b.get(field) for b in mine):
                     print(f"    {label:<20} {span(b[field] for b in mine)}")
             print(f"    {'end':<20} {span(b['first_end'] for b in mine)}")
         print(f"  exit             {span(b['exit'] for b in blocks)}")

@@ -45,9 +45,10 @@ namespace {
 // mark1 and mark2 depend on the block's first item: projection: x and the staged weights are in
 // shared memory / the products are summed (before the stores); pool: the slices are summed
 // into shared memory (after the row-block wait) / the pooled values are written (before the
-// state update); entry: every pool item is done / (unused).
+// state update); entry: every pool item is done / (unused). mark3 (pool items): the state is
+// updated.
 struct BlockStamps {
-  unsigned long long start, waited, mark1, mark2, first_end, exit;
+  unsigned long long start, waited, mark1, mark2, mark3, first_end, exit;
   int first_item, sm;
 };
 __device__ __forceinline__ unsigned long long global_ns() {
@@ -533,6 +534,7 @@ __device__ void pool_item(const FusedStep& f, int member, int rb_global, int rb,
                       vals[row * g.stride + tok0 + (q - start)]);
     }
   }
+  DSV4_STAMP(f, mark3);
 }
 
 // Shared memory of a projection item: x of one pass, then the staged weights (128-aligned).
@@ -669,15 +671,15 @@ void write_timeline() {
   if (!path) return;
   FILE* out = std::fopen(path, "w");
   if (!out) return;
-  std::fprintf(out, "plan,staged_kblocks,block,sm,first_item,start,waited,mark1,mark2,first_end,exit\n");
+  std::fprintf(out, "plan,staged_kblocks,block,sm,first_item,start,waited,mark1,mark2,mark3,first_end,exit\n");
   auto& r = timeline_registry();
   for (std::size_t p = 0; p < r.records.size(); ++p) {
     std::vector<BlockStamps> host(static_cast<std::size_t>(r.records[p].second));
     if (cudaMemcpy(host.data(), r.records[p].first, host.size() * sizeof(BlockStamps), cudaMemcpyDeviceToHost) != cudaSuccess) break;
     for (std::size_t b = 0; b < host.size(); ++b)
-      std::fprintf(out, "%zu,%d,%zu,%d,%d,%llu,%llu,%llu,%llu,%llu,%llu\n", p, r.staged[p], b, host[b].sm,
-                   host[b].first_item, host[b].start, host[b].waited, host[b].mark1, host[b].mark2, host[b].first_end,
-                   host[b].exit);
+      std::fprintf(out, "%zu,%d,%zu,%d,%d,%llu,%llu,%llu,%llu,%llu,%llu,%llu\n", p, r.staged[p], b, host[b].sm,
+                   host[b].first_item, host[b].start, host[b].waited, host[b].mark1, host[b].mark2, host[b].mark3,
+                   host[b].first_end, host[b].exit);
   }
   std::fclose(out);
 }
