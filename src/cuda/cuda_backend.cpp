@@ -222,8 +222,11 @@ class CudaBackend final : public Backend {
     // 2026-11-24): up to 8 tokens the fused step wins at ratio 4 (Flash CSA main B=1 13.9
     // against 17.3 us, CSA layer 16.8 against 31) and at ratio 128 with running state, whether
     // a window completes or not (Flash HCA B=1 11.4 against 16.2, no window 9.9 against 10.7;
-    // Pro 14.9 against 20.5, no window 14.6 against 15.1); from 32 tokens on it loses. Ratio
-    // 128 with stored rows stays unfused (below).
+    // Pro 14.9 against 20.5, no window 14.6 against 15.1); a compressor alone loses from 32
+    // tokens on. A CSA layer's group won at 32 tokens in a later run (Flash 27.6 against 31.3
+    // us, Pro 40.3 against 43.2; docs/perf/h100-2026-11-24e.json), but 9-31 tokens are not
+    // measured, so the limit stays at 8 for groups too. Ratio 128 with stored rows stays
+    // unfused (below).
     if (options_.fused_decode == FusedDecode::automatic &&
         (plan.num_tokens() > kFusedAutoMaxTokens || (!spec_.overlap() && options_.window_state != WindowState::running)))
       return false;
