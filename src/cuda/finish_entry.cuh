@@ -19,7 +19,7 @@ constexpr int kFinishPerThread = kFinishMaxHeadDim / kFinishThreads;
 // (in the fused step, before waiting for the pooling), so that these loads overlap.
 struct EntryInputs {
   float weight[kFinishPerThread];  // norm weights of this thread's channels
-  float freq0;                     // RoPE frequency of pair threadIdx.x
+  float cos0, sin0;                // RoPE of pair threadIdx.x (its angle needs only the plan)
   std::int64_t location;           // cache row
   std::int64_t w;                  // window
 };
@@ -32,10 +32,13 @@ __device__ __forceinline__ EntryInputs load_entry_inputs(const CompressorConsts&
     const int d = threadIdx.x + k * kFinishThreads;
     in.weight[k] = d < c.head_dim ? c.norm[d] : 0.0f;
   }
-  in.freq0 = static_cast<int>(threadIdx.x) < c.rope_dim / 2 ? c.inv_freq[threadIdx.x] : 0.0f;
   in.location = cache ? p.cache_location[e] : 0;
   const int i = request_of(p, e);
   in.w = p.start[i] / c.ratio + (e - p.entry_offset[i]);
+  // The angle is the window's first position times the pair's frequency: known before the
+  // pooled values are, so the fp64 sincos runs off the epilogue's critical path.
+  in.cos0 = 1.0f, in.sin0 = 0.0f;
+  if (static_cast<int>(threadIdx.x) < c.rope_dim / 2) rope_cos_sin(in.w * c.ratio, c.inv_freq[threadIdx.x], &in.cos0, &in.sin0);
   return in;
 }
 
@@ -53,7 +56,6 @@ __device__ __forceinline__ void finish_entry(const CompressorConsts& c, const En
     acc[k] = d < hd ? __ldcg(pooled + e * hd + d) : 0.0f;
   }
   const float* weight = in.weight;
-  const float freq0 = in.freq0;
   const std::int64_t location = in.location, w = in.w;
 
   // RMSNorm of the bf16-rounded pooled values.
@@ -77,8 +79,8 @@ __device__ __forceinline__ void finish_entry(const CompressorConsts& c, const En
   // RoPE on the last rope_dim dims, interleaved pairs; the window's first token is its position.
   const int nope = hd - c.rope_dim;
   for (int r = threadIdx.x; r < c.rope_dim / 2; r += kFinishThreads) {
-    float cs, sn;
-    rope_cos_sin(w * c.ratio, r == static_cast<int>(threadIdx.x) ? freq0 : c.inv_freq[r], &cs, &sn);
+    float cs = in.cos0, sn = in.sin0;
+    if (r != static_cast<int>(threadIdx.x)) rope_cos_sin(w * c.ratio, c.inv_freq[r], &cs, &sn);
     const float a = v[nope + 2 * r], b = v[nope + 2 * r + 1];
     v[nope + 2 * r] = num::round_to_bf16(a * cs - b * sn);
     v[nope + 2 * r + 1] = num::round_to_bf16(a * sn + b * cs);
