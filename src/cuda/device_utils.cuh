@@ -93,12 +93,21 @@ __device__ __forceinline__ void mma_bf16_16x8x16(float (&d)[4], std::uint32_t a0
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// An L2 cache policy (sm_80) for the loads below that take one: evict_first, for data read
+// once per launch (weights streamed through L2), so that it does not push out what a launch
+// reads again soon (its own code, state, hand-offs between blocks).
+__device__ __forceinline__ std::uint64_t l2_policy_evict_first() {
+  std::uint64_t p;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(p));
+  return p;
+}
+
 // 16 bytes of data that no kernel writes while this one runs (weights), read once.
-__device__ __forceinline__ uint4 load_once(const void* p) {
+__device__ __forceinline__ uint4 load_once(const void* p, std::uint64_t l2_policy) {
   uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+  asm volatile("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0,%1,%2,%3}, [%4], %5;\n"
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
+               : "l"(p), "l"(l2_policy));
   return v;
 }
 
@@ -107,6 +116,12 @@ __device__ __forceinline__ uint4 load_once(const void* p) {
 __device__ __forceinline__ void cp_async_16(void* shared_dst, const void* global_src) {
   const auto dst = static_cast<std::uint32_t>(__cvta_generic_to_shared(shared_dst));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(global_src) : "memory");
+}
+__device__ __forceinline__ void cp_async_16(void* shared_dst, const void* global_src, std::uint64_t l2_policy) {
+  const auto dst = static_cast<std::uint32_t>(__cvta_generic_to_shared(shared_dst));
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(global_src),
+               "l"(l2_policy)
+               : "memory");
 }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 // Closes this thread's group of copies issued since the last commit.
@@ -122,6 +137,12 @@ __device__ __forceinline__ void cp_async_wait_pending() {
 __device__ __forceinline__ void prefetch_l2(const void* p, unsigned bytes) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
+#endif
+}
+__device__ __forceinline__ void prefetch_l2(const void* p, unsigned bytes, std::uint64_t l2_policy) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global.L2::cache_hint [%0], %1, %2;\n" ::"l"(p), "r"(bytes), "l"(l2_policy)
+               : "memory");
 #endif
 }
 

@@ -144,6 +144,9 @@ __device__ void project_item(const FusedStep& f, const FusedMember& mb, int rb, 
   const int ks = f.hidden / kFusedSlices, nblocks = ks / 32, stride = ks + kXPad;
   const int staged = f.staged_kblocks;
   const std::uint16_t* item_w = mb.w + slice * ks;
+  // The weights are read once a step: marked evict_first in L2, they stream through it
+  // without pushing out what the step's tail reads there (its state, hand-offs and code).
+  const std::uint64_t policy = l2_policy_evict_first();
   {  // the staged k blocks, then an L2 prefetch of what the register buffers load after the wait
     // Before the wait, the copies go out kStagePace k blocks at a time, two groups in flight
     // (16 KB a block): the previous kernel's tail is a chain of dependent memory round trips,
@@ -154,7 +157,7 @@ __device__ void project_item(const FusedStep& f, const FusedMember& mb, int rb, 
       for (int idx = threadIdx.x; idx < kFusedRowsPerBlock * chunks; idx += kFusedThreads) {
         const int r = idx / chunks, c = 4 * kb0 + idx % chunks;
         cp_async_16(ws + 8 * staged_chunk(staged, r, c),
-                    item_w + static_cast<std::int64_t>(block_column(mb.c, rb, r)) * f.hidden + 8 * c);
+                    item_w + static_cast<std::int64_t>(block_column(mb.c, rb, r)) * f.hidden + 8 * c, policy);
       }
       cp_async_commit();
       if (paced) cp_async_wait_pending<1>();
@@ -162,7 +165,7 @@ __device__ void project_item(const FusedStep& f, const FusedMember& mb, int rb, 
     const int later = staged + 2 * kLoadBatch;
     if (later < nblocks && threadIdx.x < kFusedRowsPerBlock)
       prefetch_l2(item_w + static_cast<std::int64_t>(block_column(mb.c, rb, threadIdx.x)) * f.hidden + 32 * later,
-                  static_cast<unsigned>(nblocks - later) * 64u);
+                  static_cast<unsigned>(nblocks - later) * 64u, policy);
   }
   const std::int64_t row = block_column(mb.c, rb, 16 * warp) + g;
   const std::uint16_t* w0 = item_w + row * f.hidden + 8 * t;
@@ -174,7 +177,7 @@ __device__ void project_item(const FusedStep& f, const FusedMember& mb, int rb, 
     auto load = [&](uint4 (&r)[kLoadBatch][2], int kb0) {
 #pragma unroll
       for (int j = 0; j < kLoadBatch; ++j)
-        if (kb0 + j < nblocks) r[j][0] = load_once(w0 + (kb0 + j) * 32), r[j][1] = load_once(w8 + (kb0 + j) * 32);
+        if (kb0 + j < nblocks) r[j][0] = load_once(w0 + (kb0 + j) * 32, policy), r[j][1] = load_once(w8 + (kb0 + j) * 32, policy);
     };
     // Two accumulators per tile: the first mma of every k block adds into one, the second
     // into the other, and they are added at the end. Half as long a chain of dependent mma
@@ -619,6 +622,7 @@ __global__ void __launch_bounds__(kFusedThreads, kBlocksPerSm) fused_step_kernel
     }
     __syncthreads();
     DSV4_STAMP(f, first_end);
+    if (static_cast<int>(gridDim.x) >= items) break;  // a block for every item: no ticket to take
     if (threadIdx.x == 0) s_ticket = static_cast<int>(gridDim.x + atomicAdd(&counters[kCounterTicket], 1u));
     __syncthreads();
     t = s_ticket;
