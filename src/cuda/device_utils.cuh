@@ -123,6 +123,11 @@ __device__ __forceinline__ void cp_async_16(void* shared_dst, const void* global
                "l"(l2_policy)
                : "memory");
 }
+// 4 bytes (4-byte aligned), through L1: for gathering scattered values into shared memory.
+__device__ __forceinline__ void cp_async_4(void* shared_dst, const void* global_src) {
+  const auto dst = static_cast<std::uint32_t>(__cvta_generic_to_shared(shared_dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(global_src) : "memory");
+}
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 // Closes this thread's group of copies issued since the last commit.
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }

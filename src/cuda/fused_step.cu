@@ -250,6 +250,10 @@ struct Group {
   int base = 0;    // first row of x held in vals: the group's first token, rounded down to 4
   int stride = 0;  // floats between the rows of two columns in vals; odd, so that consecutive
                    // columns fall in different banks
+  // Steps of at most 8 tokens: the state values and ape the pooling reads, gathered into shared
+  // memory (stash_pool_inputs; null: read from global memory).
+  const char* stash = nullptr;
+  const float* ape4 = nullptr;  // ratio 4: ape of the item's channels, [8 slots][16]
 };
 
 // Shared memory of a pool item: vals [64][stride <= tokens_cap + 1], then the group's values.
@@ -261,6 +265,16 @@ __host__ __device__ constexpr std::size_t pool_group_bytes(int group_requests, i
   return static_cast<std::size_t>(group_requests) * 16 + static_cast<std::size_t>(group_requests + 1) * 8 +
          static_cast<std::size_t>(tokens_cap) * 4;
 }
+// The stash of a step of at most 8 tokens (8 requests at most), after the group's values:
+// ratio 4: per request the state rows of the 7 positions before its start that its windows
+// may read, [7][4 sections][16 channels] raw state values; running state: per request its
+// accumulators [3][32 channels] fp32; then ape4.
+constexpr int kStashBacks = 7;
+__host__ __device__ constexpr std::size_t pool_stash_offset(int group_requests, int tokens_cap) {
+  return (pool_vals_bytes(tokens_cap) + pool_group_bytes(group_requests, tokens_cap) + 15) / 16 * 16;
+}
+constexpr std::size_t kStashRequestBytes = kStashBacks * 4 * 16 * 4;  // >= 3 x 32 x 4
+constexpr std::size_t kStashBytes = 8 * kStashRequestBytes + 8 * 16 * 4;
 
 // Ratio 4 (every CSA preset): the pooled value of channel d of window w, the 8 slots in closed
 // form with 32-bit index math (slot j < 4 is the previous window's token j on channel half 0,
@@ -270,7 +284,7 @@ __host__ __device__ constexpr std::size_t pool_group_bytes(int group_requests, i
 // is issued first, into registers of the raw type (float or bf16 bits), and only then are
 // the values converted and merged: a value used inside the branch that loaded it makes the
 // warp wait right there, and the slots' loads would run one after another.
-template <class StateT>
+template <class StateT, bool kStash>
 __device__ float pool_ratio4(const CompressorConsts& c, const StateView& st, const float* vals, const Group& g, int r,
                              std::int64_t w, int rb, int d) {
   constexpr int ch = channels_per_block(true);
@@ -281,14 +295,27 @@ __device__ float pool_ratio4(const CompressorConsts& c, const StateView& st, con
   const int first = w == 0 ? 4 : 0;
   float ape[8];
   StateT state_logit[8], state_value[8];
+  if constexpr (kStash) {  // gathered into shared memory while the projection ran
+    const auto* rows = reinterpret_cast<const StateT*>(g.stash + r * kStashRequestBytes);
 #pragma unroll
-  for (int j = 0; j < 8; ++j) {  // every global load first
-    const int h = j >> 2;
-    ape[j] = c.ape[(j & 3) * 2 * hd + h * hd + d];
-    if (j >= first && p0 + j < start) {
-      const StateT* row = ring + static_cast<int>((p0 + j) & mask) * width;
-      state_logit[j] = __ldcg(row + (2 + h) * hd + d);
-      state_value[j] = __ldcg(row + h * hd + d);
+    for (int j = 0; j < 8; ++j) {
+      const int h = j >> 2, back = static_cast<int>(start - (p0 + j));  // 1..7 where read
+      ape[j] = g.ape4[j * ch + dl];
+      if (j >= first && p0 + j < start) {
+        state_logit[j] = rows[((back - 1) * 4 + 2 + h) * ch + dl];
+        state_value[j] = rows[((back - 1) * 4 + h) * ch + dl];
+      }
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {  // every global load first
+      const int h = j >> 2;
+      ape[j] = c.ape[(j & 3) * 2 * hd + h * hd + d];
+      if (j >= first && p0 + j < start) {
+        const StateT* row = ring + static_cast<int>((p0 + j) & mask) * width;
+        state_logit[j] = __ldcg(row + (2 + h) * hd + d);
+        state_value[j] = __ldcg(row + h * hd + d);
+      }
     }
   }
   Softmax total;
@@ -312,13 +339,13 @@ __device__ float pool_ratio4(const CompressorConsts& c, const StateView& st, con
 
 // The pooled value of channel d of the group's entry `el`: the same operations in the same
 // order as pool_windows, so both paths pool identical kv_score values to identical bits.
-template <class StateT>
+template <class StateT, bool kStash>
 __device__ float pool_channel(const FusedMember& mb, const float* vals, const Group& g, int rb, int el, int d) {
   const CompressorConsts& c = mb.c;
   const int r = g.entry_request[el];
   const std::int64_t start = g.start[r];
   const std::int64_t w = start / c.ratio + (el - (g.entry_offset[r] - g.entry_offset[0]));
-  if (c.overlap && c.ratio == 4) return pool_ratio4<StateT>(c, mb.st, vals, g, r, w, rb, d);
+  if (c.overlap && c.ratio == 4) return pool_ratio4<StateT, kStash>(c, mb.st, vals, g, r, w, rb, d);
   // Other shapes (ratio 128; overlap at another ratio), slot by slot. With running state every
   // slot is this step's, in shared memory; with stored rows a ratio-128 window reads up to 127
   // rows one after another, which is why the automatic choice leaves that case unfused.
@@ -352,8 +379,15 @@ __device__ float pool_channel(const FusedMember& mb, const float* vals, const Gr
     const std::int64_t w0 = w * c.ratio;
     if (w0 < start) {
       first = static_cast<int>(start - w0);
-      const float* acc = reinterpret_cast<const float*>(slot);
-      from_state = Softmax{__ldcg(acc + d), __ldcg(acc + hd + d), __ldcg(acc + 2 * hd + d)};
+      if constexpr (kStash) {
+        constexpr int ch = channels_per_block(false);
+        const float* acc = reinterpret_cast<const float*>(g.stash + r * kStashRequestBytes);
+        const int dl = d - rb * ch;
+        from_state = Softmax{acc[dl], acc[ch + dl], acc[2 * ch + dl]};
+      } else {
+        const float* acc = reinterpret_cast<const float*>(slot);
+        from_state = Softmax{__ldcg(acc + d), __ldcg(acc + hd + d), __ldcg(acc + 2 * hd + d)};
+      }
     }
   }
   Softmax total;
@@ -429,6 +463,53 @@ __device__ __noinline__ void prefetch_pool_state(const FusedMember& mb, const Gr
   }
 }
 
+// Gathers into shared memory at `stash` what the group's pooling will read of the state (the
+// rows or accumulators listed at pool_stash_offset), right after the wait for the previous
+// kernel: the copies then run while the projection does, and pooling after the slice sums
+// reads no global memory but ape at ratio 128. ape4 (a weight) is copied from before the wait
+// (asynchronously too: an item taken after the wait then pays one round trip for both).
+// Steps of at most 8 tokens; a ratio-128 window over stored rows (FusedDecode::always only)
+// still reads its rows from global memory.
+__device__ void stage_pool_ape(const FusedMember& mb, int rb, float* ape4) {
+  const CompressorConsts& c = mb.c;
+  if (!(c.overlap && c.ratio == 4)) return;
+  constexpr int ch = channels_per_block(true);
+  const int hd = c.head_dim;
+  for (int idx = threadIdx.x; idx < 8 * ch; idx += kFusedThreads) {
+    const int j = idx / ch, d = rb * ch + idx % ch, h = j >> 2;
+    cp_async_4(ape4 + idx, c.ape + (j & 3) * 2 * hd + h * hd + d);  // waited for with the stash
+  }
+}
+__device__ __noinline__ void stash_pool_inputs(const FusedMember& mb, const Group& g, int rb, char* stash) {
+  const CompressorConsts& c = mb.c;
+  const StateView& st = mb.st;
+  const int hd = c.head_dim;
+  if (!st.running && !(c.overlap && c.ratio == 4)) return;
+  if (st.running) {  // [m | s | a] of the item's 32 channels, per request
+    constexpr int ch = channels_per_block(false);
+    for (int idx = threadIdx.x; idx < 3 * ch * g.requests; idx += kFusedThreads) {
+      const int r = idx / (3 * ch), part = idx / ch % 3, dl = idx % ch;
+      const char* slot = static_cast<const char*>(st.data) + g.slot[r] * st.slot_bytes;
+      cp_async_4(stash + r * kStashRequestBytes + (part * ch + dl) * 4,
+                 slot + (static_cast<std::int64_t>(part) * hd + rb * ch + dl) * 4);
+    }
+  } else {  // ratio 4: 4-byte pieces (one f32 channel or two bf16 ones) of 7 rows x 4 sections
+    constexpr int ch = channels_per_block(true);
+    const int elem = st.dtype == DType::f32 ? 4 : 2, pieces = ch * elem / 4;
+    for (int idx = threadIdx.x; idx < kStashBacks * 4 * pieces * g.requests; idx += kFusedThreads) {
+      const int r = idx / (kStashBacks * 4 * pieces), k = idx % (kStashBacks * 4 * pieces);
+      const int back = 1 + k / (4 * pieces), section = k / pieces % 4, piece = k % pieces;
+      if (g.entry_offset[r + 1] == g.entry_offset[r] || g.start[r] < back) continue;
+      const std::int64_t position = g.start[r] - back;
+      const char* row = static_cast<const char*>(st.data) + g.slot[r] * st.slot_bytes +
+                        (position & (st.ring_rows - 1)) * st.width * elem;
+      cp_async_4(stash + r * kStashRequestBytes + ((back - 1) * 4 + section) * ch * elem + piece * 4,
+                 row + static_cast<std::int64_t>(section * hd + rb * ch) * elem + piece * 4);
+    }
+  }
+  cp_async_wait_all();  // the copies of this thread; the slice sums' barrier publishes them
+}
+
 // Waits (thread 0) until every slice of the row block is written, then sums the slices of the
 // group's tokens in slice order into vals (rounded as the storage dtype would round kv_score).
 __device__ void sum_slices(const FusedStep& f, const FusedMember& mb, int rb_global, const Group& g, char* smem) {
@@ -465,6 +546,7 @@ __device__ void sum_slices(const FusedStep& f, const FusedMember& mb, int rb_glo
 // channels of every completed window of the group, counts itself done for the entries, then
 // updates those channels' state.
 // `g` comes from stage_plan.
+template <bool kStash>
 __device__ void pool_item(const FusedStep& f, int member, int rb_global, int rb, const Group& g, char* smem) {
   const FusedMember& mb = f.m[member];
   sum_slices(f, mb, rb_global, g, smem);
@@ -478,8 +560,8 @@ __device__ void pool_item(const FusedStep& f, int member, int rb_global, int rb,
   for (int idx = threadIdx.x; idx < pairs; idx += kFusedThreads) {
     const int el = idx / ch, d = rb * ch + idx % ch;
     mb.pooled[static_cast<std::int64_t>(e0 + el) * hd + d] = mb.st.dtype == DType::f32
-                                                                 ? pool_channel<float>(mb, vals, g, rb, el, d)
-                                                                 : pool_channel<std::uint16_t>(mb, vals, g, rb, el, d);
+                                                                 ? pool_channel<float, kStash>(mb, vals, g, rb, el, d)
+                                                                 : pool_channel<std::uint16_t, kStash>(mb, vals, g, rb, el, d);
   }
   // Pooling has read the state these channels are about to overwrite, and every pooled value
   // is written: the entries may start now. The state update is for the next step only (it
@@ -550,7 +632,12 @@ constexpr int kBlocksPerSm = 3;  // the kernel's registers allow three blocks pe
 
 // kTiles: 8-token tiles a pass holds at most (1 for steps of up to 8 tokens: fewer registers
 // and a shorter instruction stream on the decode path that matters most; else kMaxTiles).
-template <int kTiles>
+// kStash (one tile only): pool items gather their state into shared memory right after the
+// wait (stash_pool_inputs), for steps whose items all have a block from the start, so that
+// the copies overlap the projection. Measured on the H100 (docs/PERF.md): Flash CSA layer
+// decode B=1 15.4 -> 14.6 us; in steps with more items than blocks (B=8: pool items taken
+// after the projection) it cost 1.5-2.7 us instead.
+template <int kTiles, bool kStash>
 __global__ void __launch_bounds__(kFusedThreads, kBlocksPerSm) fused_step_kernel(const __grid_constant__ FusedStep f) {
   extern __shared__ uint4 smem[];
   __shared__ int s_ticket;
@@ -598,10 +685,18 @@ __global__ void __launch_bounds__(kFusedThreads, kBlocksPerSm) fused_step_kernel
         const FusedMember& mb = f.m[m];
         const int local = u - mb.first_pool_item, rb = local / mb.groups;
         // The plan's values and an L2 prefetch of the state before the wait, the rest after.
-        const Group g = stage_plan(f, mb, local % mb.groups, raw);
+        Group g = stage_plan(f, mb, local % mb.groups, raw);
         prefetch_pool_state(mb, g, rb);
+        // Steps of at most 8 tokens pool from a stash (stash_pool_inputs).
+        char* stash = raw + pool_stash_offset(mb.group_requests, f.tokens_cap);
+        if (kStash) stage_pool_ape(mb, rb, reinterpret_cast<float*>(stash + 8 * kStashRequestBytes));
         wait_once();
-        pool_item(f, m, mb.first_row_block + rb, rb, g, raw);
+        if (kStash) {
+          stash_pool_inputs(mb, g, rb, stash);
+          g.stash = stash;
+          g.ape4 = reinterpret_cast<const float*>(stash + 8 * kStashRequestBytes);
+        }
+        pool_item<kStash>(f, m, mb.first_row_block + rb, rb, g, raw);
       } else {
         const int u = t - pool_end;
         const int m = (f.members > 1 && u >= f.m[1].first_entry) ? 1 : 0;
@@ -648,14 +743,16 @@ __global__ void __launch_bounds__(kFusedThreads, kBlocksPerSm) fused_step_kernel
 // The kernel instance for a step: one 8-token tile per pass when the step has at most 8 tokens.
 using FusedKernel = void (*)(FusedStep);
 FusedKernel kernel_for(const FusedStep& f) {
-  return f.tokens_per_pass <= 8 ? fused_step_kernel<1> : fused_step_kernel<kMaxTiles>;
+  if (f.tokens_per_pass > 8) return fused_step_kernel<kMaxTiles, false>;
+  return f.stash ? fused_step_kernel<1, true> : fused_step_kernel<1, false>;
 }
 
 std::size_t shared_bytes(const FusedStep& f) {
   const std::size_t staged_bytes = static_cast<std::size_t>(f.staged_kblocks) * kFusedRowsPerBlock * 64;
   int group_requests = 0;
   for (int m = 0; m < f.members; ++m) group_requests = std::max(group_requests, f.m[m].group_requests);
-  const std::size_t pool_bytes = pool_vals_bytes(f.tokens_cap) + pool_group_bytes(group_requests, f.tokens_cap);
+  const std::size_t pool_bytes = f.stash ? pool_stash_offset(group_requests, f.tokens_cap) + kStashBytes
+                                                       : pool_vals_bytes(f.tokens_cap) + pool_group_bytes(group_requests, f.tokens_cap);
   const std::size_t finish_bytes = (kFinishMaxHeadDim + 32) * 4;
   return std::max({staged_weights_offset(f) + staged_bytes, pool_bytes, finish_bytes});
 }
@@ -733,6 +830,10 @@ int fused_prepare_launch(FusedStep& f, int device) {
   const int ks = f.hidden / kFusedSlices;
   const int fit = (72 * 1024 / ((ks + kXPad) * 2)) / 8 * 8;
   f.tokens_per_pass = std::max(8, std::min({kMaxTiles * 8, f.tokens_cap, fit}));
+  // Pool items gather their state ahead of the slices where every item has a block from the
+  // start (fused_step_kernel's kStash).
+  const int all_items = f.row_blocks * kFusedSlices + f.pool_items + f.entries;
+  f.stash = f.tokens_per_pass <= 8 && all_items <= kBlocksPerSm * sms;
   // As many k blocks of each projection item's weights in shared memory as leave room for
   // three blocks per SM: all of them for Flash steps of up to 8 tokens, 15 of 28 for Pro.
   int sm_bytes = 0, reserved = 0, optin = 0;

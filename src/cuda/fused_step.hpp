@@ -55,6 +55,7 @@ struct FusedStep {
   float* partials = nullptr;      // [row_blocks][kFusedSlices][kFusedRowsPerBlock][tokens_cap]
   unsigned* counters = nullptr;   // see fused_counter_count; zero between launches
   int tokens_cap = 0;             // tokens rounded up to 8
+  bool stash = false;             // pool items stash their state inputs (fused_prepare_launch)
   void* timeline = nullptr;       // per-block phase stamps, only in DSV4_FUSED_TIMELINE builds
 };
 
