@@ -630,6 +630,20 @@ __host__ __device__ constexpr std::size_t staged_weights_offset(const FusedStep&
 
 constexpr int kBlocksPerSm = 3;  // the kernel's registers allow three blocks per SM
 
+// A block is done with the counters: the last block to say so returns them to zero for the
+// next launch (thread 0).
+__device__ void leave_counters(const FusedStep& f) {
+  unsigned* counters = f.counters;
+  __threadfence();
+  if (atomicAdd(&counters[kCounterExits], 1u) == gridDim.x - 1) {  // everyone else is done with the counters
+    counters[kCounterTicket] = 0;
+    counters[kCounterExits] = 0;
+    for (int m = 0; m < kFusedMaxMembers; ++m) counters[kCounterMemberDone + m] = 0;
+    for (int rb = 0; rb < f.row_blocks; ++rb) counters[kCounterRowBlocks + rb] = 0;
+    __threadfence();
+  }
+}
+
 // kTiles: 8-token tiles a pass holds at most (1 for steps of up to 8 tokens: fewer registers
 // and a shorter instruction stream on the decode path that matters most; else kMaxTiles).
 // kStash (one tile only): pool items gather their state into shared memory right after the
@@ -647,7 +661,8 @@ __global__ void __launch_bounds__(kFusedThreads, kBlocksPerSm) fused_step_kernel
   unsigned* counters = f.counters;
   const int projection_items = f.row_blocks * kFusedSlices, pool_end = projection_items + f.pool_items;
   const int items = pool_end + f.entries;
-  bool waited = false, released = false;
+  const bool one_wave = static_cast<int>(gridDim.x) >= items;  // a block for every item: no tickets
+  bool waited = false, released = false, left = false;
   int t = static_cast<int>(blockIdx.x);
 #ifdef DSV4_FUSED_TIMELINE
   if (threadIdx.x == 0) {
@@ -708,7 +723,11 @@ __global__ void __launch_bounds__(kFusedThreads, kBlocksPerSm) fused_step_kernel
         if (threadIdx.x == 0) {
           const auto pool_items = static_cast<unsigned>(mb.row_blocks * mb.groups);
           while (load_acquire(&counters[kCounterMemberDone + m]) < pool_items) __nanosleep(32);
+          // With a block for every item no ticket follows, so this block is done with the
+          // counters: say so now, while the epilogue runs, rather than after its stores.
+          if (one_wave) leave_counters(f);
         }
+        left = one_wave;
         __syncthreads();
         DSV4_STAMP(f, mark1);
         float* v = smem_vals(raw);
@@ -717,7 +736,7 @@ __global__ void __launch_bounds__(kFusedThreads, kBlocksPerSm) fused_step_kernel
     }
     __syncthreads();
     DSV4_STAMP(f, first_end);
-    if (static_cast<int>(gridDim.x) >= items) break;  // a block for every item: no ticket to take
+    if (one_wave) break;  // no ticket to take
     if (threadIdx.x == 0) s_ticket = static_cast<int>(gridDim.x + atomicAdd(&counters[kCounterTicket], 1u));
     __syncthreads();
     t = s_ticket;
@@ -728,16 +747,7 @@ __global__ void __launch_bounds__(kFusedThreads, kBlocksPerSm) fused_step_kernel
 #ifdef DSV4_FUSED_TIMELINE
   if (threadIdx.x == 0) static_cast<BlockStamps*>(f.timeline)[blockIdx.x] = s_stamps;
 #endif
-  if (threadIdx.x == 0) {
-    __threadfence();
-    if (atomicAdd(&counters[kCounterExits], 1u) == gridDim.x - 1) {  // everyone else is done with the counters
-      counters[kCounterTicket] = 0;
-      counters[kCounterExits] = 0;
-      for (int m = 0; m < kFusedMaxMembers; ++m) counters[kCounterMemberDone + m] = 0;
-      for (int rb = 0; rb < f.row_blocks; ++rb) counters[kCounterRowBlocks + rb] = 0;
-      __threadfence();
-    }
-  }
+  if (threadIdx.x == 0 && !left) leave_counters(f);
 }
 
 // The kernel instance for a step: one 8-token tile per pass when the step has at most 8 tokens.
