@@ -630,18 +630,19 @@ __host__ __device__ constexpr std::size_t staged_weights_offset(const FusedStep&
 
 constexpr int kBlocksPerSm = 3;  // the kernel's registers allow three blocks per SM
 
-// A block is done with the counters: the last block to say so returns them to zero for the
-// next launch (thread 0).
-__device__ void leave_counters(const FusedStep& f) {
+// The exit count (thread 0): a block done with the counters adds one; the last block to do so
+// (its add returned gridDim.x - 1) returns them to zero for the next launch.
+__device__ void reset_counters(const FusedStep& f) {
   unsigned* counters = f.counters;
+  counters[kCounterTicket] = 0;
+  counters[kCounterExits] = 0;
+  for (int m = 0; m < kFusedMaxMembers; ++m) counters[kCounterMemberDone + m] = 0;
+  for (int rb = 0; rb < f.row_blocks; ++rb) counters[kCounterRowBlocks + rb] = 0;
   __threadfence();
-  if (atomicAdd(&counters[kCounterExits], 1u) == gridDim.x - 1) {  // everyone else is done with the counters
-    counters[kCounterTicket] = 0;
-    counters[kCounterExits] = 0;
-    for (int m = 0; m < kFusedMaxMembers; ++m) counters[kCounterMemberDone + m] = 0;
-    for (int rb = 0; rb < f.row_blocks; ++rb) counters[kCounterRowBlocks + rb] = 0;
-    __threadfence();
-  }
+}
+__device__ void leave_counters(const FusedStep& f) {
+  __threadfence();  // this block's release adds are performed before it counts itself out
+  if (atomicAdd(&f.counters[kCounterExits], 1u) == gridDim.x - 1) reset_counters(f);
 }
 
 // kTiles: 8-token tiles a pass holds at most (1 for steps of up to 8 tokens: fewer registers
@@ -723,15 +724,19 @@ __global__ void __launch_bounds__(kFusedThreads, kBlocksPerSm) fused_step_kernel
         if (threadIdx.x == 0) {
           const auto pool_items = static_cast<unsigned>(mb.row_blocks * mb.groups);
           while (load_acquire(&counters[kCounterMemberDone + m]) < pool_items) __nanosleep(32);
-          // With a block for every item no ticket follows, so this block is done with the
-          // counters: say so now, while the epilogue runs, rather than after its stores.
-          if (one_wave) leave_counters(f);
         }
-        left = one_wave;
         __syncthreads();
         DSV4_STAMP(f, mark1);
+        // With a block for every item no ticket follows, so this block is done with the
+        // counters: it counts itself out now, and the add's round trip overlaps the epilogue
+        // (its result is looked at after it). No fence: the block's only counter accesses were
+        // acquire loads, which later operations cannot pass.
+        unsigned exit_count = 0;
+        if (one_wave && threadIdx.x == 0) exit_count = atomicAdd(&counters[kCounterExits], 1u);
+        left = one_wave;
         float* v = smem_vals(raw);
         finish_entry(mb.c, in, mb.pooled, mb.cache, mb.entries, e, v, v + kFinishMaxHeadDim);
+        if (one_wave && threadIdx.x == 0 && exit_count == gridDim.x - 1) reset_counters(f);
       }
     }
     __syncthreads();
