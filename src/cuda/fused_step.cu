@@ -250,8 +250,8 @@ struct Group {
   int base = 0;    // first row of x held in vals: the group's first token, rounded down to 4
   int stride = 0;  // floats between the rows of two columns in vals; odd, so that consecutive
                    // columns fall in different banks
-  // Steps of at most 8 tokens: the state values and ape the pooling reads, gathered into shared
-  // memory (stash_pool_inputs; null: read from global memory).
+  // In the kStash kernel instance: the state values and ape the pooling reads, gathered into
+  // shared memory by stash_pool_inputs (the other instances read them from global memory).
   const char* stash = nullptr;
   const float* ape4 = nullptr;  // ratio 4: ape of the item's channels, [8 slots][16]
 };
@@ -265,7 +265,8 @@ __host__ __device__ constexpr std::size_t pool_group_bytes(int group_requests, i
   return static_cast<std::size_t>(group_requests) * 16 + static_cast<std::size_t>(group_requests + 1) * 8 +
          static_cast<std::size_t>(tokens_cap) * 4;
 }
-// The stash of a step of at most 8 tokens (8 requests at most), after the group's values:
+// The stash of a step of at most 8 tokens (8 requests at most: a request has a token at
+// least, Compressor::plan checks it), after the group's values:
 // ratio 4: per request the state rows of the 7 positions before its start that its windows
 // may read, [7][4 sections][16 channels] raw state values; running state: per request its
 // accumulators [3][32 channels] fp32; then ape4.
