@@ -224,9 +224,10 @@ class CudaBackend final : public Backend {
     // a window completes or not (Flash HCA B=1 11.4 against 16.2, no window 9.9 against 10.7;
     // Pro 14.9 against 20.5, no window 14.6 against 15.1); a compressor alone loses from 32
     // tokens on. A CSA layer's group won at 32 tokens in a later run (Flash 27.6 against 31.3
-    // us, Pro 40.3 against 43.2; docs/perf/h100-2026-11-24e.json), but 9-31 tokens are not
-    // measured, so the limit stays at 8 for groups too. Ratio 128 with stored rows stays
-    // unfused (below).
+    // us, Pro 40.3 against 43.2; docs/perf/h100-2026-11-24e.json) but lost at 32 tokens when
+    // no window completes (Flash 22.7 against 18.6, Pro 35.9 against 30.6;
+    // docs/perf/h100-2026-11-24h.json), and 9-31 tokens are not measured, so the limit stays
+    // at 8 for groups too. Ratio 128 with stored rows stays unfused (below).
     if (options_.fused_decode == FusedDecode::automatic &&
         (plan.num_tokens() > kFusedAutoMaxTokens || (!spec_.overlap() && options_.window_state != WindowState::running)))
       return false;
