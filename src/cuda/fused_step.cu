@@ -464,13 +464,9 @@ __device__ __noinline__ void prefetch_pool_state(const FusedMember& mb, const Gr
   }
 }
 
-// Gathers into shared memory at `stash` what the group's pooling will read of the state (the
-// rows or accumulators listed at pool_stash_offset), right after the wait for the previous
-// kernel: the copies then run while the projection does, and pooling after the slice sums
-// reads no global memory but ape at ratio 128. ape4 (a weight) is copied from before the wait
-// (asynchronously too: an item taken after the wait then pays one round trip for both).
-// Steps of at most 8 tokens; a ratio-128 window over stored rows (FusedDecode::always only)
-// still reads its rows from global memory.
+// Ratio 4, kStash instance: the item's ape4 (a weight), copied before the wait for the previous
+// kernel. Asynchronously, like the stash: an item taken after the wait then pays one round
+// trip for both, and stash_pool_inputs' wait covers these copies too.
 __device__ void stage_pool_ape(const FusedMember& mb, int rb, float* ape4) {
   const CompressorConsts& c = mb.c;
   if (!(c.overlap && c.ratio == 4)) return;
@@ -481,6 +477,13 @@ __device__ void stage_pool_ape(const FusedMember& mb, int rb, float* ape4) {
     cp_async_4(ape4 + idx, c.ape + (j & 3) * 2 * hd + h * hd + d);  // waited for with the stash
   }
 }
+// Gathers into shared memory at `stash` what the group's pooling will read of the state (the
+// rows or accumulators listed at pool_stash_offset), right after the wait for the previous
+// kernel: the copies then run while the projection does, and pooling after the slice sums
+// reads no global memory but ape at ratio 128. Ratio 4 copies all 4 sections of each of the 7
+// rows, about twice what the windows read, which keeps the index math out of the copy loop.
+// A ratio-128 window over stored rows (FusedDecode::always only) reads its rows from global
+// memory as in the other instances.
 __device__ __noinline__ void stash_pool_inputs(const FusedMember& mb, const Group& g, int rb, char* stash) {
   const CompressorConsts& c = mb.c;
   const StateView& st = mb.st;
@@ -704,7 +707,8 @@ __global__ void __launch_bounds__(kFusedThreads, kBlocksPerSm) fused_step_kernel
         // The plan's values and an L2 prefetch of the state before the wait, the rest after.
         Group g = stage_plan(f, mb, local % mb.groups, raw);
         prefetch_pool_state(mb, g, rb);
-        // Steps of at most 8 tokens pool from a stash (stash_pool_inputs).
+        // The kStash instance (steps of at most 8 tokens whose items all have a block) pools
+        // from a stash gathered while the projection runs (stash_pool_inputs).
         char* stash = raw + pool_stash_offset(mb.group_requests, f.tokens_cap);
         if (kStash) stage_pool_ape(mb, rb, reinterpret_cast<float*>(stash + 8 * kStashRequestBytes));
         wait_once();
@@ -847,7 +851,9 @@ int fused_prepare_launch(FusedStep& f, int device) {
   const int fit = (72 * 1024 / ((ks + kXPad) * 2)) / 8 * 8;
   f.tokens_per_pass = std::max(8, std::min({kMaxTiles * 8, f.tokens_cap, fit}));
   // Pool items gather their state ahead of the slices where every item has a block from the
-  // start (fused_step_kernel's kStash).
+  // start (fused_step_kernel's kStash). Judged against three blocks per SM, which the
+  // staged-weights budget below keeps; were the grid smaller, the stash stays correct and
+  // only its timing advantage is lost.
   const int all_items = f.row_blocks * kFusedSlices + f.pool_items + f.entries;
   f.stash = f.tokens_per_pass <= 8 && all_items <= kBlocksPerSm * sms;
   // As many k blocks of each projection item's weights in shared memory as leave room for
