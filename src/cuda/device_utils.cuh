@@ -63,21 +63,25 @@ __device__ __forceinline__ WindowSlot window_slot(const CompressorConsts& c, std
 
 // Online softmax over one channel's tokens: running max, sum and weighted sum. merge() folds
 // in another partial; both give the same result as one pass up to rounding.
+// The multiply-adds are spelled out (fmaf, __fmul_rn): left to contraction, `a * x + b * y`
+// may become fma(a, x, b * y) in one kernel and fma(b, y, a * x) in another, and kernels that
+// must agree bit for bit (the fused kernel's pool items and pool_windows, update_state) would
+// not.
 struct Softmax {
   float m = -INFINITY, s = 0.0f, a = 0.0f;
   __device__ void add(float logit, float value) {
     const float m2 = fmaxf(m, logit);
     const float old = expf(m - m2), p = expf(logit - m2);
-    s = s * old + p;
-    a = a * old + p * value;
+    s = fmaf(s, old, p);
+    a = fmaf(p, value, __fmul_rn(a, old));
     m = m2;
   }
   __device__ void merge(const Softmax& o) {
     if (o.m == -INFINITY) return;
     const float m2 = fmaxf(m, o.m);
     const float x = expf(m - m2), y = expf(o.m - m2);
-    s = s * x + o.s * y;
-    a = a * x + o.a * y;
+    s = fmaf(o.s, y, __fmul_rn(s, x));
+    a = fmaf(o.a, y, __fmul_rn(a, x));
     m = m2;
   }
 };
