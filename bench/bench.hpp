@@ -16,8 +16,11 @@ namespace dsv4::bench {
 // bf16->fp32 cast kernel, compress reading fp32. (b) compress reads the bf16 GEMM output.
 // (c) the GEMM writes fp32. (d) the project's best path.
 // (e) the fused decode step forced on (FusedDecode::always) where it applies (<= 256 tokens).
-enum class Variant { cast, bf16_direct, f32_gemm, best, fused };
-constexpr int kVariants = 5;
+// (f) the library's unfused path with three kernels per compressor after the projection
+// (FusedDecode::off, CompressLaunch::per_stage), for steps of at most 256 tokens, where (d)
+// fuses or runs its compress step.
+enum class Variant { cast, bf16_direct, f32_gemm, best, fused, per_stage };
+constexpr int kVariants = 6;
 const char* variant_key(Variant v);
 const char* variant_label(Variant v);
 

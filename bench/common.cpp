@@ -19,6 +19,7 @@ const char* variant_key(Variant v) {
     case Variant::f32_gemm: return "c_f32_gemm";
     case Variant::best: return "d_best";
     case Variant::fused: return "e_fused_forced";
+    case Variant::per_stage: return "f_unfused_per_stage";
   }
   return "?";
 }
@@ -30,6 +31,7 @@ const char* variant_label(Variant v) {
     case Variant::f32_gemm: return "(c) fp32-output GEMM";
     case Variant::best: return "(d) dsv4 (HCA: running state)";
     case Variant::fused: return "(e) dsv4, fused step forced";
+    case Variant::per_stage: return "(f) dsv4 unfused, per-stage kernels";
   }
   return "?";
 }

@@ -186,8 +186,9 @@ struct Member {
   std::vector<std::unique_ptr<Compressor>> f32, bf16;  // copies: kv_score f32 / bf16 (state f32)
   std::vector<std::unique_ptr<Compressor>> best;       // (d): bf16 kv_score, running state for HCA
   std::vector<std::unique_ptr<Compressor>> fused;      // (e): as (d), FusedDecode::always
-  std::unique_ptr<StatePool> pool_f, pool_b, pool_best, pool_fused;
-  std::vector<Plan> plan_f, plan_b, plan_best, plan_fused;
+  std::vector<std::unique_ptr<Compressor>> per_stage;  // (f): as (d), unfused, per-stage kernels
+  std::unique_ptr<StatePool> pool_f, pool_b, pool_best, pool_fused, pool_per_stage;
+  std::vector<Plan> plan_f, plan_b, plan_best, plan_fused, plan_per_stage;
   std::unique_ptr<Buffer> cache, rows_b, rows_f;
   std::unique_ptr<LibraryGemm> gemm_b, gemm_f;
   Batch step;
@@ -256,12 +257,16 @@ Report run_gpu(const Options& o, const std::vector<std::string>& models, const s
                 m.spec, w, dsv4::Options{Device::cuda(0), {DType::bf16, DType::f32}, best_state}));
             m.fused.push_back(std::make_unique<Compressor>(
                 m.spec, w, dsv4::Options{Device::cuda(0), {DType::bf16, DType::f32}, best_state, FusedDecode::always}));
+            m.per_stage.push_back(std::make_unique<Compressor>(
+                m.spec, w,
+                dsv4::Options{Device::cuda(0), {DType::bf16, DType::f32}, best_state, FusedDecode::off, CompressLaunch::per_stage}));
           }
           const auto requests = step_requests(sc, m.spec.ratio);
           m.pool_f = std::make_unique<StatePool>(*m.f32[0], static_cast<std::int64_t>(requests.size()));
           m.pool_b = std::make_unique<StatePool>(*m.bf16[0], static_cast<std::int64_t>(requests.size()));
           m.pool_best = std::make_unique<StatePool>(*m.best[0], static_cast<std::int64_t>(requests.size()));
           m.pool_fused = std::make_unique<StatePool>(*m.fused[0], static_cast<std::int64_t>(requests.size()));
+          m.pool_per_stage = std::make_unique<StatePool>(*m.per_stage[0], static_cast<std::int64_t>(requests.size()));
           const Batch prefix = batch_of(requests, m.spec.ratio, true);
           m.step = batch_of(requests, m.spec.ratio, false);
           const std::int64_t e = std::max<std::int64_t>(1, entries_of(m.step));
@@ -277,6 +282,7 @@ Report run_gpu(const Options& o, const std::vector<std::string>& models, const s
             m.bf16[0]->forward(prefix, px.view(DType::bf16, {prefix_tokens, hidden}), *m.pool_b, pout);
             m.best[0]->forward(prefix, px.view(DType::bf16, {prefix_tokens, hidden}), *m.pool_best, pout);
             m.fused[0]->forward(prefix, px.view(DType::bf16, {prefix_tokens, hidden}), *m.pool_fused, pout);
+            m.per_stage[0]->forward(prefix, px.view(DType::bf16, {prefix_tokens, hidden}), *m.pool_per_stage, pout);
             DSV4_CUDA_CHECK(cudaDeviceSynchronize());
           }
           m.out.cache = m.cache->view(DType::u8, {scratch_rows, m.spec.entry_bytes()});
@@ -285,6 +291,7 @@ Report run_gpu(const Options& o, const std::vector<std::string>& models, const s
             m.plan_b.push_back(m.bf16[k]->plan(m.step, *m.pool_b));
             m.plan_best.push_back(m.best[k]->plan(m.step, *m.pool_best));
             m.plan_fused.push_back(m.fused[k]->plan(m.step, *m.pool_fused));
+            m.plan_per_stage.push_back(m.per_stage[k]->plan(m.step, *m.pool_per_stage));
           }
           const std::int64_t width = m.spec.projection_width();
           m.rows_b = std::make_unique<Buffer>(Device::cuda(0), static_cast<std::size_t>(tokens * width * 2));
@@ -315,15 +322,25 @@ Report run_gpu(const Options& o, const std::vector<std::string>& models, const s
         for (Variant v : {Variant::cast, Variant::bf16_direct, Variant::f32_gemm})
           row.us[static_cast<int>(v)] = time_steps(stream, copies, reps, [&](int k) { library_step(v, k); });
 
-        // (d) the library's own choice, (e) the fused step forced where it applies.
+        // (d) the library's own choice, (e) the fused step forced where it applies, (f) the
+        // per-stage kernels where (d) takes one launch for them.
+        auto compressors = [](Member& m, Variant v) -> std::vector<std::unique_ptr<Compressor>>& {
+          return v == Variant::fused ? m.fused : v == Variant::per_stage ? m.per_stage : m.best;
+        };
+        auto pool_of = [](Member& m, Variant v) -> StatePool& {
+          return v == Variant::fused ? *m.pool_fused : v == Variant::per_stage ? *m.pool_per_stage : *m.pool_best;
+        };
+        bool best_one_launch = false;  // (d) fuses or runs its compress step
         auto measure_library = [&](Variant v) {
           const bool forced = v == Variant::fused;
+          if (v == Variant::per_stage && !best_one_launch) return;
           if (ms.size() == 1) {
             Member& m = ms[0];
-            auto& cs = forced ? m.fused : m.best;
-            auto& plans = forced ? m.plan_fused : m.plan_best;
-            auto& pool = forced ? *m.pool_fused : *m.pool_best;
+            auto& cs = compressors(m, v);
+            auto& plans = forced ? m.plan_fused : v == Variant::per_stage ? m.plan_per_stage : m.plan_best;
+            auto& pool = pool_of(m, v);
             if (forced && !plans[0].fused()) return;
+            if (v == Variant::best) best_one_launch = plans[0].fused() || plans[0].compress_step();
             row.us[static_cast<int>(v)] = time_steps(stream, copies, reps, [&](int k) {
               cs[k]->backend().run(plans[k].data(), xv, pool.data(), m.out, stream);
             });
@@ -334,13 +351,13 @@ Report run_gpu(const Options& o, const std::vector<std::string>& models, const s
           std::vector<std::unique_ptr<StatePool>> pools;  // [copy][member]
           std::vector<GroupPlan> plans;
           for (int k = 0; k < copies; ++k) {
-            const Compressor* a = (forced ? ms[0].fused : ms[0].best)[k].get();
-            const Compressor* b = (forced ? ms[1].fused : ms[1].best)[k].get();
+            const Compressor* a = compressors(ms[0], v)[k].get();
+            const Compressor* b = compressors(ms[1], v)[k].get();
             groups.push_back(std::make_unique<CompressorGroup>(std::vector<const Compressor*>{a, b}));
             std::vector<const StatePool*> states;
             for (std::size_t j = 0; j < ms.size(); ++j) {
               Member& m = ms[j];
-              const StatePool& from = forced ? *m.pool_fused : *m.pool_best;
+              const StatePool& from = pool_of(m, v);
               // Each copy gets its own pools, cloned (memory and positions) from the member's.
               pools.push_back(std::make_unique<StatePool>(j == 0 ? *a : *b, from.num_slots()));
               const TensorView mem = pools.back()->memory();
@@ -351,13 +368,16 @@ Report run_gpu(const Options& o, const std::vector<std::string>& models, const s
             plans.push_back(groups.back()->plan({ms[0].step, ms[1].step}, states));
           }
           if (forced && !plans[0].fused()) return;
+          if (v == Variant::best) best_one_launch = plans[0].fused() || plans[0].compress_step();
           row.us[static_cast<int>(v)] = time_steps(stream, copies, reps, [&](int k) {
             groups[k]->run(plans[k], xv, {pools[2 * k].get(), pools[2 * k + 1].get()}, {ms[0].out, ms[1].out}, stream);
           });
         };
         row.us[static_cast<int>(Variant::fused)] = NAN;
+        row.us[static_cast<int>(Variant::per_stage)] = NAN;
         measure_library(Variant::best);
         measure_library(Variant::fused);
+        measure_library(Variant::per_stage);
         report.rows.push_back(row);
       }
     }

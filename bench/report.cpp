@@ -54,7 +54,7 @@ void print_table(const Report& r) {
               r.gpu ? "bf16 matmul" : "projection kernel", r.ceilings.matmul_tflops);
   std::printf("times in us per step (median); floor = max(bytes / copy bandwidth, flops / matmul rate)\n\n");
   std::printf("%-6s %-12s %-20s %7s %9s", "model", "kind", "step", "tokens", "floor");
-  const char* heads[] = {"(a) cast", "(b) bf16", "(c) f32", "(d) best", "(e) fused"};
+  const char* heads[] = {"(a) cast", "(b) bf16", "(c) f32", "(d) best", "(e) fused", "(f) stages"};
   for (int v = 0; v < kVariants; ++v) std::printf(" %9s", heads[v]);
   std::printf(" %8s %7s\n", "d/floor", "a/d");
   for (const Row& row : r.rows) {
@@ -135,7 +135,7 @@ void write_svg(const Report& r, const std::string& path) {
   if (models.empty()) throw Error("--svg: nothing was measured");
   const std::string model = models[0];
   const Kind kinds[] = {Kind::csa_main, Kind::csa_indexer, Kind::csa_layer, Kind::hca};
-  const char* colors[] = {"#d62728", "#ff7f0e", "#9467bd", "#1f77b4", "#2ca02c"};
+  const char* colors[] = {"#d62728", "#ff7f0e", "#9467bd", "#1f77b4", "#2ca02c", "#8c564b"};
   const int pw = 300, ph = 240, ml = 50, mt = 50, gap = 40;
   std::ostringstream s;
   s << "<svg xmlns='http://www.w3.org/2000/svg' width='" << ml + 4 * (pw + gap) << "' height='" << mt + ph + 90

@@ -303,6 +303,94 @@ TEST(CudaFusedGroup, OneLaunchMatchesMembersAloneBitForBit) {
     }
 }
 
+// The compress step of the unfused path: pooling, state update and entries of every member in
+// one launch after the cuBLASLt projection. The same bits as the per-stage kernels (entries,
+// cache rows) over decode-shaped schedules of up to 256 tokens a step, whose requests span
+// several pool groups; Flash and Pro, every kind, every dtype combination, alone and as a CSA
+// layer's group.
+TEST(CudaCompressStep, OneLaunchMatchesPerStageKernelsBitForBit) {
+  REQUIRE_GPU();
+  const std::vector<Model> models = small() ? std::vector<Model>{Model::flash} : std::vector<Model>{Model::flash, Model::pro};
+  for (Model model : models)
+    for (DType score : {DType::f32, DType::bf16})
+      for (DType state : {DType::f32, DType::bf16}) {
+        const std::string label = std::string(model_name(model)) + ", kv_score " + std::string(dtype_name(score)) +
+                                  ", state " + std::string(dtype_name(state));
+        std::mt19937_64 rng(std::random_device{}());
+        Options single{.device = Device::cuda(0), .precision = {score, state}, .fused_decode = FusedDecode::off};
+        Options per_stage = single;
+        per_stage.compress_launch = CompressLaunch::per_stage;
+        const CompressorKind kinds[] = {CompressorKind::csa_main, CompressorKind::csa_indexer, CompressorKind::hca};
+        std::vector<CompressorSpec> specs;
+        std::vector<RandomWeights> weights;
+        for (CompressorKind kind : kinds) {
+          specs.push_back(CompressorSpec::preset(model, kind));
+          if (small()) specs.back().hidden = 256;
+          weights.push_back(random_weights(specs.back(), rng()));
+        }
+        auto buffers = test::device_buffers(Device::cuda(0));
+        for (std::size_t k = 0; k < specs.size(); ++k) {
+          const CompressorSpec& spec = specs[k];
+          Options a = single, b = per_stage;
+          if (!spec.overlap()) a.window_state = b.window_state = WindowState::running;
+          const Compressor one(spec, weights[k].view(spec), a), staged(spec, weights[k].view(spec), b);
+          {  // which steps take it
+            StatePool pool(one, 1);
+            Batch step, prefill;
+            step.add(0, 0, 200);
+            prefill.add(0, 0, 300);
+            for (std::int64_t e = 0; e < windows_completed(0, 200, spec.ratio); ++e) step.cache_locations.push_back(e);
+            for (std::int64_t e = 0; e < windows_completed(0, 300, spec.ratio); ++e) prefill.cache_locations.push_back(e);
+            EXPECT_TRUE(one.plan(step, pool).compress_step()) << label;
+            EXPECT_FALSE(one.plan(prefill, pool).compress_step()) << label << ": more than 256 tokens";
+            Batch partial;  // completes no window: update_state alone
+            partial.add(0, 0, 2);
+            EXPECT_FALSE(one.plan(partial, pool).compress_step()) << label << ": no entry";
+            EXPECT_FALSE(staged.plan(step, pool).compress_step()) << label;
+            if (!spec.overlap()) {  // ratio 128 with stored rows keeps the per-stage pooling
+              Options rows = single;
+              const Compressor with_rows(spec, weights[k].view(spec), rows);
+              StatePool rows_pool(with_rows, 1);
+              EXPECT_FALSE(with_rows.plan(step, rows_pool).compress_step()) << label;
+            }
+          }
+          const auto seqs = spec.ratio == 4 ? test::random_sequences(small() ? 24 : 60, 1, 60, spec.hidden, rng)
+                                            : test::random_sequences(small() ? 12 : 40, 100, 300, spec.hidden, rng);
+          const auto schedule = test::small_step_schedule(seqs, rng, 256);
+          const auto x = test::serve(one, seqs, schedule, *buffers, rng);
+          const auto y = test::serve(staged, seqs, schedule, *buffers, rng);
+          EXPECT_EQ(x.problems, "") << label;
+          EXPECT_EQ(y.problems, "") << label;
+          for (std::size_t i = 0; i < seqs.size(); ++i) {
+            EXPECT_EQ(x.entries[i], y.entries[i]) << label << ", " << kind_name(kinds[k]) << ", sequence " << i;
+            EXPECT_EQ(x.cache[i], y.cache[i]) << label << ", " << kind_name(kinds[k]) << ", sequence " << i;
+          }
+        }
+        // A CSA layer: main and indexer after one shared projection, in one launch.
+        const Compressor main_a(specs[0], weights[0].view(specs[0]), single),
+            idx_a(specs[1], weights[1].view(specs[1]), single);
+        const Compressor main_b(specs[0], weights[0].view(specs[0]), per_stage),
+            idx_b(specs[1], weights[1].view(specs[1]), per_stage);
+        const CompressorGroup group_a({&main_a, &idx_a}), group_b({&main_b, &idx_b});
+        {
+          StatePool pm(main_a, 1), pi(idx_a, 1), qm(main_b, 1), qi(idx_b, 1);
+          Batch b;
+          b.add(0, 0, 100);
+          for (std::int64_t e = 0; e < 25; ++e) b.cache_locations.push_back(e);
+          EXPECT_TRUE(group_a.plan({b, b}, {&pm, &pi}).compress_step()) << label;
+          EXPECT_FALSE(group_b.plan({b, b}, {&qm, &qi}).compress_step()) << label;
+        }
+        const auto seqs = test::random_sequences(small() ? 24 : 60, 1, 60, specs[0].hidden, rng);
+        const auto schedule = test::small_step_schedule(seqs, rng, 256);
+        const auto together = test::serve_group(group_a, seqs, schedule, *buffers);
+        const auto staged = test::serve_group(group_b, seqs, schedule, *buffers);
+        for (std::size_t i = 0; i < seqs.size(); ++i) {
+          EXPECT_EQ(together[0][i], staged[0][i]) << label << ", group main, sequence " << i;
+          EXPECT_EQ(together[1][i], staged[1][i]) << label << ", group indexer, sequence " << i;
+        }
+      }
+}
+
 // Fused plans of different sizes (different kernel instances and shared memory) may all be made
 // first and run later in any order, and give the bits of plans made just before their run.
 TEST(CudaFusedPlans, MadeTogetherRunInAnyOrder) {
@@ -355,14 +443,21 @@ TEST(CudaFusedPlans, MadeTogetherRunInAnyOrder) {
 // gives the same bits as an eager run on the same inputs, on a non-default stream.
 TEST(CudaGraph, CapturedRunReplaysWithNewInputs) {
   REQUIRE_GPU();
+  // The fused step; the unfused path with its compress step (HCA with running state, where it
+  // applies); the unfused path's per-stage kernels.
+  for (CompressLaunch launch : {CompressLaunch::single, CompressLaunch::per_stage})
   for (FusedDecode path : {FusedDecode::always, FusedDecode::off})
   for (CompressorKind kind : {CompressorKind::csa_main, CompressorKind::csa_indexer, CompressorKind::hca}) {
+    if (path == FusedDecode::always && launch == CompressLaunch::per_stage) continue;
     CompressorSpec spec = CompressorSpec::preset(Model::flash, kind);
     if (small()) spec.hidden = 256;
     std::mt19937_64 rng(std::random_device{}());
     const RandomWeights w = random_weights(spec, rng());
+    const bool compress_step = path == FusedDecode::off && launch == CompressLaunch::single;
+    const WindowState ws = compress_step && !spec.overlap() ? WindowState::running : WindowState::rows;
     const Compressor gpu(spec, w.view(spec),
-                         {.device = Device::cuda(0), .precision = {DType::bf16, DType::f32}, .fused_decode = path});
+                         {.device = Device::cuda(0), .precision = {DType::bf16, DType::f32}, .window_state = ws,
+                          .fused_decode = path, .compress_launch = launch});
     const std::int64_t r = spec.ratio;
     // History: 8 requests at varied positions; then a step of 1..4 tokens each (decode and
     // multi-token decode), some completing windows.
@@ -394,6 +489,7 @@ TEST(CudaGraph, CapturedRunReplaysWithNewInputs) {
     const std::int64_t entries = plan.num_entries();
     ASSERT_GT(entries, 0);
     ASSERT_EQ(plan.fused(), path == FusedDecode::always) << "a decode step takes the fused path where allowed";
+    ASSERT_EQ(plan.compress_step(), compress_step) << "and the compress step where asked";
     Buffer x(Device::cuda(0), static_cast<std::size_t>(step_tokens * spec.hidden * 2));
     Buffer out(Device::cuda(0), static_cast<std::size_t>(entries * spec.head_dim * 2));
     cudaStream_t stream;

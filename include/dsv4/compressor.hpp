@@ -68,11 +68,23 @@ enum class FusedDecode {
   off,        // always the unfused path: cuBLASLt projection, then the compress kernels
 };
 
+// How a CUDA compressor runs what follows the cuBLASLt projection in a decode-shaped step (at
+// most 256 tokens) that is not fused. The values are the same bits either way.
+enum class CompressLaunch {
+  // Pooling, state update and entries in one launch, for every member of a CompressorGroup
+  // together, in steps that complete an entry, where the shape allows it (ratio 4, or ratio
+  // 128 with WindowState::running). Other steps run the per-stage kernels.
+  single,
+  // Three kernels per compressor: pooling, state update, entries (tests, benchmarks).
+  per_stage,
+};
+
 struct Options {
   Device device;  // where weights, state, x, cache and entries live
   Precision precision;
   WindowState window_state = WindowState::rows;
   FusedDecode fused_decode = FusedDecode::automatic;
+  CompressLaunch compress_launch = CompressLaunch::single;
 };
 
 // One request's part of a batch.
@@ -151,6 +163,9 @@ class Plan {
   std::int64_t entry_offset(std::size_t request) const;
   // Whether the step runs as one fused launch (CUDA, Options::fused_decode).
   bool fused() const;
+  // Whether the stages after the projection (pooling, state update, entries) run as one launch
+  // (CUDA, Options::compress_launch; false where the step is fused).
+  bool compress_step() const;
 
   const detail::PlanData& data() const { return *data_; }
 
@@ -218,6 +233,9 @@ class GroupPlan {
   std::int64_t num_tokens() const { return plans_.empty() ? 0 : plans_[0].num_tokens(); }
   // Whether every member runs in one fused launch.
   bool fused() const { return fused_ != nullptr; }
+  // Whether, after the shared projection, every member's pooling, state update and entries run
+  // in one launch (Options::compress_launch).
+  bool compress_step() const { return compress_ != nullptr; }
 
  private:
   friend class CompressorGroup;
@@ -225,6 +243,7 @@ class GroupPlan {
   std::vector<Plan> plans_;
   std::shared_ptr<void> rows_;   // the shared projection's output (unfused path)
   std::shared_ptr<void> fused_;  // the members as one fused step, where the backend chose it
+  std::shared_ptr<void> compress_;  // unfused: every member's compress in one launch, where supported
 };
 
 // Compressors that read the same x, such as a CSA layer's main and indexer compressors: one

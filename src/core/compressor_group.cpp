@@ -66,7 +66,10 @@ GroupPlan CompressorGroup::plan(const std::vector<Batch>& batches, const std::ve
   std::vector<const detail::PlanData*> datas;
   for (const Plan& p : out.plans_) datas.push_back(&p.data());
   out.fused_ = projection_->prepare_fused(datas);
-  if (!out.fused_) out.rows_ = projection_->allocate_rows(out.num_tokens());
+  if (!out.fused_) {
+    out.rows_ = projection_->allocate_rows(out.num_tokens());
+    out.compress_ = projection_->prepare_compress(datas);
+  }
   out.owner_ = this;
   return out;
 }
@@ -80,14 +83,19 @@ void CompressorGroup::run(const GroupPlan& plan, const TensorView& x, const std:
     if (!states[m]) reject("states[" + std::to_string(m) + "]: expected a state pool, got null");
     members_[m]->check_run(plan.plans_[m], x, *states[m], outputs[m]);
   }
+  std::vector<detail::StateData*> datas;
+  for (StatePool* s : states) datas.push_back(&s->data());
   if (plan.fused_) {
-    std::vector<detail::StateData*> datas;
-    for (StatePool* s : states) datas.push_back(&s->data());
     projection_->run_fused(plan.fused_.get(), x, datas, outputs, stream);
     for (std::size_t m = 0; m < members_.size(); ++m) members_[m]->advance(plan.plans_[m], *states[m]);
     return;
   }
   projection_->run(x, plan.rows_.get(), stream);
+  if (plan.compress_) {
+    projection_->run_compress(plan.compress_.get(), plan.rows_.get(), datas, outputs, stream);
+    for (std::size_t m = 0; m < members_.size(); ++m) members_[m]->advance(plan.plans_[m], *states[m]);
+    return;
+  }
   const std::size_t elem = dtype_size(projection_->dtype());
   for (std::size_t m = 0; m < members_.size(); ++m) {
     const KvScoreRows rows{static_cast<const char*>(plan.rows_.get()) + column_offsets_[m] * static_cast<std::int64_t>(elem),

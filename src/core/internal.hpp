@@ -30,6 +30,8 @@ struct PlanData {
   std::vector<std::int64_t> entry_window;   // window index of each entry within its request
   std::int64_t max_cache_location = -1;
   bool fused = false;                       // set by a backend that runs the plan as one launch
+  bool compress_step = false;               // set by a backend that runs the stages after its
+                                            // projection as one launch
   std::shared_ptr<void> backend_data;       // what a backend keeps per plan (device copies)
 
   std::int64_t num_tokens() const { return token_offsets.back(); }
@@ -87,6 +89,16 @@ class GroupProjection {
   virtual void run_fused(const void* fused, const TensorView& x, const std::vector<detail::StateData*>& states,
                          const std::vector<RunOutputs>& outputs, void* stream) const {
     (void)fused, (void)x, (void)states, (void)outputs, (void)stream;
+  }
+  // Backend data for compressing every member from the projected rows in one launch, or null
+  // where each member's compress() runs.
+  virtual std::shared_ptr<void> prepare_compress(const std::vector<const detail::PlanData*>& plans) const {
+    (void)plans;
+    return nullptr;
+  }
+  virtual void run_compress(const void* compress, const void* rows, const std::vector<detail::StateData*>& states,
+                            const std::vector<RunOutputs>& outputs, void* stream) const {
+    (void)compress, (void)rows, (void)states, (void)outputs, (void)stream;
   }
 };
 

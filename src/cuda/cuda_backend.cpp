@@ -1,11 +1,13 @@
 // The CUDA backend. Every run is stream-ordered on the caller's stream, with no host
 // synchronisation or allocation once the plan exists (so a run can be graph-captured).
-// A decode-shaped plan (at most 256 tokens) runs as one fused launch (fused_step.cu). Any
-// other plan runs four steps:
+// A decode-shaped plan (at most 256 tokens) runs as one fused launch (fused_step.cu) where
+// that wins (fused_wins). Any other plan runs four steps:
 //   1. projection GEMM (cuBLASLt) into the plan's kv_score workspace, fp32 or bf16;
 //   2. pool_windows: the gated softmax of every completed window into fp32 pooled values;
 //   3. update_state: the rows later calls need go into each request's ring (after 2 read them);
 //   4. finish_entries: RMSNorm + RoPE + rotation + fp8 packing + store, one block per entry.
+// In a decode-shaped plan steps 2-4 run as one launch, the fused kernel's compress step
+// (compress_step_supported), for every member of a group together.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -48,8 +50,9 @@ bool dependent_launch_supported(int device) {
   return major >= 9;
 }
 
-// A plan's fused step: everything but the run's tensors, and the workspace (partial sums,
-// then the kernel's counters, zeroed once and reset by every launch).
+// A plan's fused step or compress step (`projected`): everything but the run's tensors, and
+// the workspace (partial sums, then the kernel's counters, zeroed once and reset by every
+// launch).
 struct FusedPlan {
   std::shared_ptr<void> workspace;
   cuda::FusedStep step;
@@ -58,9 +61,10 @@ struct FusedPlan {
 };
 
 std::shared_ptr<FusedPlan> make_fused_plan(int device, const std::vector<cuda::FusedMember>& members,
-                                           std::int64_t tokens, std::int64_t hidden) {
+                                           std::int64_t tokens, std::int64_t hidden, bool projected) {
   auto fp = std::make_shared<FusedPlan>();
   cuda::FusedStep& f = fp->step;
+  f.projected = projected;
   f.tokens = static_cast<int>(tokens);
   f.tokens_cap = static_cast<int>((tokens + 7) / 8 * 8);
   f.hidden = static_cast<int>(hidden);
@@ -84,13 +88,16 @@ std::shared_ptr<FusedPlan> make_fused_plan(int device, const std::vector<cuda::F
   return fp;
 }
 
-// The run's tensors into a copy of the fused step, then the launch.
-void run_fused_plan(int device, const FusedPlan& fp, const TensorView& x, const std::vector<cuda::StateView>& states,
-                    const std::vector<RunOutputs>& outputs, cudaStream_t stream) {
+// The run's tensors into a copy of the fused step, then the launch. The fused step reads x;
+// the compress step reads each member's kv rows.
+void run_fused_plan(int device, const FusedPlan& fp, const void* x, const std::vector<cuda::KvScoreView>& kv,
+                    const std::vector<cuda::StateView>& states, const std::vector<RunOutputs>& outputs,
+                    cudaStream_t stream) {
   cuda::DeviceGuard guard(device);
   cuda::FusedStep f = fp.step;
-  f.x = static_cast<const std::uint16_t*>(x.data);
+  f.x = static_cast<const std::uint16_t*>(x);
   for (int k = 0; k < f.members; ++k) {
+    if (f.projected) f.m[k].kv = kv[static_cast<std::size_t>(k)];
     f.m[k].st = states[static_cast<std::size_t>(k)];
     const RunOutputs& o = outputs[static_cast<std::size_t>(k)];
     f.m[k].cache = o.cache ? o.cache->as<std::uint8_t>() : nullptr;
@@ -99,14 +106,15 @@ void run_fused_plan(int device, const FusedPlan& fp, const TensorView& x, const 
   cuda::launch_fused_step(f, fp.blocks, fp.pdl, stream);
 }
 
-// What a plan keeps on the device: its arrays, the kv_score workspace (unfused path) or the
-// fused step.
+// What a plan keeps on the device: its arrays, the kv_score workspace and maybe the compress
+// step (unfused path) or the fused step.
 struct CudaPlan {
   std::shared_ptr<void> arrays;
   std::shared_ptr<void> kv_score;
   std::shared_ptr<void> pooled;  // [entries, head_dim] fp32
   cuda::DevicePlan view;
   std::shared_ptr<FusedPlan> fused;
+  std::shared_ptr<FusedPlan> compress_step;
 };
 
 class CudaBackend final : public Backend {
@@ -171,12 +179,16 @@ class CudaBackend final : public Backend {
       cp->view.max_request_tokens = std::max(cp->view.max_request_tokens, static_cast<int>(q.num_tokens));
     cp->pooled = device_alloc(device_, static_cast<std::size_t>(std::max<std::int64_t>(plan.num_entries(), 1) * spec_.head_dim) * 4);
     if (own_rows && fused_wins(plan)) {
-      cp->fused = make_fused_plan(device_, {fused_member(*cp, wkv_gate_.get())}, plan.num_tokens(), spec_.hidden);
+      cp->fused = make_fused_plan(device_, {fused_member(*cp, wkv_gate_.get())}, plan.num_tokens(), spec_.hidden, false);
       plan.fused = true;
-    }
-    else if (own_rows)
+    } else if (own_rows) {
       cp->kv_score = device_alloc(device_, static_cast<std::size_t>(plan.num_tokens() * spec_.projection_width()) *
                                                dtype_size(precision_.kv_score));
+      if (compress_step_supported(plan)) {
+        cp->compress_step = make_fused_plan(device_, {fused_member(*cp, nullptr)}, plan.num_tokens(), spec_.hidden, true);
+        plan.compress_step = true;
+      }
+    }
     plan.backend_data = cp;
   }
 
@@ -185,12 +197,17 @@ class CudaBackend final : public Backend {
     cuda::DeviceGuard guard(device_);
     const auto& cp = *static_cast<const CudaPlan*>(plan.backend_data.get());
     if (cp.fused) {
-      run_fused_plan(device_, *cp.fused, x, {state_view(state)}, {outputs}, static_cast<cudaStream_t>(stream));
+      run_fused_plan(device_, *cp.fused, x.data, {}, {state_view(state)}, {outputs}, static_cast<cudaStream_t>(stream));
       return;
     }
     const std::int64_t width = spec_.projection_width();
     projection_.run(x.data, plan.num_tokens(), wkv_gate_.get(), cp.kv_score.get(), width,
                     static_cast<cudaStream_t>(stream));
+    if (cp.compress_step) {
+      run_fused_plan(device_, *cp.compress_step, nullptr, {{cp.kv_score.get(), precision_.kv_score, width}},
+                     {state_view(state)}, {outputs}, static_cast<cudaStream_t>(stream));
+      return;
+    }
     compress(plan, {cp.kv_score.get(), precision_.kv_score, width}, state, outputs, stream);
   }
 
@@ -238,6 +255,20 @@ class CudaBackend final : public Backend {
     // side. FusedDecode::always fuses it up to 16 entries.
     if (!spec_.overlap() && options_.window_state == WindowState::rows && plan.num_entries() > 16) return false;
     return true;
+  }
+
+  // Whether the steps after this plan's projection run as one launch: a decode-shaped plan
+  // that completes an entry, whose pooling reads what the fused kernel's pool items read fast
+  // (ratio 4's stored rows; running accumulators). Ratio 128 with stored rows keeps
+  // pool_windows, which reads a window's 128 rows side by side where a pool item reads them
+  // slot by slot. A step that completes no entry runs update_state alone, one kernel per
+  // member, which measured faster than the compress step (Flash CSA layer decode-partial B=64
+  // 18.8 against 22.0 us; docs/PERF.md).
+  bool compress_step_supported(const detail::PlanData& plan) const {
+    return options_.compress_launch == CompressLaunch::single && plan.num_entries() > 0 &&
+           plan.num_tokens() <= cuda::kFusedMaxTokens &&
+           cuda::fused_shape_supported(static_cast<int>(spec_.head_dim), spec_.hidden) &&
+           ((spec_.overlap() && spec_.ratio == 4) || options_.window_state == WindowState::running);
   }
 
   // This compressor as a member of a fused step over the weights at `w`.
@@ -297,17 +328,45 @@ class CudaGroupProjection final : public GroupProjection {
       row += members_[k]->spec().projection_width();
     }
     cuda::DeviceGuard guard(device_);
-    return make_fused_plan(device_, fm, plans[0]->num_tokens(), hidden_);
+    return make_fused_plan(device_, fm, plans[0]->num_tokens(), hidden_, false);
   }
 
   void run_fused(const void* fused, const TensorView& x, const std::vector<detail::StateData*>& states,
                  const std::vector<RunOutputs>& outputs, void* stream) const override {
-    std::vector<cuda::StateView> views;
-    for (std::size_t k = 0; k < members_.size(); ++k) views.push_back(members_[k]->state_view(*states[k]));
-    run_fused_plan(device_, *static_cast<const FusedPlan*>(fused), x, views, outputs, static_cast<cudaStream_t>(stream));
+    run_fused_plan(device_, *static_cast<const FusedPlan*>(fused), x.data, {}, state_views(states), outputs,
+                   static_cast<cudaStream_t>(stream));
+  }
+
+  std::shared_ptr<void> prepare_compress(const std::vector<const detail::PlanData*>& plans) const override {
+    if (members_.size() > static_cast<std::size_t>(cuda::kFusedMaxMembers)) return nullptr;
+    std::vector<cuda::FusedMember> fm;
+    for (std::size_t k = 0; k < members_.size(); ++k) {
+      if (!members_[k]->compress_step_supported(*plans[k])) return nullptr;
+      fm.push_back(members_[k]->fused_member(*static_cast<const CudaPlan*>(plans[k]->backend_data.get()), nullptr));
+    }
+    cuda::DeviceGuard guard(device_);
+    return make_fused_plan(device_, fm, plans[0]->num_tokens(), hidden_, true);
+  }
+
+  void run_compress(const void* compress, const void* rows, const std::vector<detail::StateData*>& states,
+                    const std::vector<RunOutputs>& outputs, void* stream) const override {
+    std::vector<cuda::KvScoreView> kv;
+    std::int64_t column = 0;
+    for (const CudaBackend* m : members_) {  // member k's columns follow those of the members before it
+      kv.push_back({static_cast<const char*>(rows) + column * static_cast<std::int64_t>(dtype_size(dtype_)), dtype_, width_});
+      column += m->spec().projection_width();
+    }
+    run_fused_plan(device_, *static_cast<const FusedPlan*>(compress), nullptr, kv, state_views(states), outputs,
+                   static_cast<cudaStream_t>(stream));
   }
 
  private:
+  std::vector<cuda::StateView> state_views(const std::vector<detail::StateData*>& states) const {
+    std::vector<cuda::StateView> views;
+    for (std::size_t k = 0; k < members_.size(); ++k) views.push_back(members_[k]->state_view(*states[k]));
+    return views;
+  }
+
   int device_;
   std::shared_ptr<void> w_;
   std::int64_t width_, hidden_;

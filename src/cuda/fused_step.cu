@@ -19,6 +19,8 @@
 // every item it waits for has a running owner: no deadlock, whatever the residency.
 // The counters return to zero at the end of every launch (the last block out resets them),
 // so a captured graph can replay the step.
+// As the unfused path's compress step (f.projected) there are no projection items: a pool
+// item reads its columns of the rows the cuBLASLt projection wrote instead of summing slices.
 #include <algorithm>
 #ifdef DSV4_FUSED_TIMELINE
 #include <cstdio>
@@ -256,10 +258,11 @@ struct Group {
   const float* ape4 = nullptr;  // ratio 4: ape of the item's channels, [8 slots][16]
 };
 
-// Shared memory of a pool item: vals [64][stride <= tokens_cap + 1], then the group's values.
+// Shared memory of a pool item: vals [64][stride <= vals_rows + 1] (FusedStep::vals_rows),
+// then the group's values.
 __device__ __forceinline__ float* smem_vals(char* smem) { return reinterpret_cast<float*>(smem); }
-__host__ __device__ constexpr std::size_t pool_vals_bytes(int tokens_cap) {
-  return static_cast<std::size_t>(kFusedRowsPerBlock) * (tokens_cap + 1) * 4;
+__host__ __device__ constexpr std::size_t pool_vals_bytes(int vals_rows) {
+  return static_cast<std::size_t>(kFusedRowsPerBlock) * (vals_rows + 1) * 4;
 }
 __host__ __device__ constexpr std::size_t pool_group_bytes(int group_requests, int tokens_cap) {
   return static_cast<std::size_t>(group_requests) * 16 + static_cast<std::size_t>(group_requests + 1) * 8 +
@@ -271,8 +274,8 @@ __host__ __device__ constexpr std::size_t pool_group_bytes(int group_requests, i
 // may read, [7][4 sections][16 channels] raw state values; running state: per request its
 // accumulators [3][32 channels] fp32; then ape4.
 constexpr int kStashBacks = 7;
-__host__ __device__ constexpr std::size_t pool_stash_offset(int group_requests, int tokens_cap) {
-  return (pool_vals_bytes(tokens_cap) + pool_group_bytes(group_requests, tokens_cap) + 15) / 16 * 16;
+__host__ __device__ constexpr std::size_t pool_stash_offset(const FusedStep& f, int group_requests) {
+  return (pool_vals_bytes(f.vals_rows) + pool_group_bytes(group_requests, f.tokens_cap) + 15) / 16 * 16;
 }
 constexpr std::size_t kStashRequestBytes = kStashBacks * 4 * 16 * 4;  // >= 3 x 32 x 4
 constexpr std::size_t kStashBytes = 8 * kStashRequestBytes + 8 * 16 * 4;
@@ -413,7 +416,7 @@ __device__ Group stage_plan(const FusedStep& f, const FusedMember& mb, int group
   Group g;
   g.first = group * mb.group_requests;
   g.requests = min(mb.group_requests, p.num_requests - g.first);
-  char* at = smem + pool_vals_bytes(f.tokens_cap);
+  char* at = smem + pool_vals_bytes(f.vals_rows);
   g.start = reinterpret_cast<std::int64_t*>(at);
   g.slot = g.start + mb.group_requests;
   g.token_offset = reinterpret_cast<int*>(g.slot + mb.group_requests);
@@ -546,14 +549,49 @@ __device__ void sum_slices(const FusedStep& f, const FusedMember& mb, int rb_glo
   __syncthreads();
 }
 
+// The compress step's counterpart of sum_slices: the group's tokens' kv_score columns of row
+// block `rb`, from the rows the projection wrote, into vals, rounded as pool_windows rounds
+// them. Loads go out kInFlight a thread before any is stored: at decode sizes this is one
+// memory round trip, not one per value.
+template <class ScoreT>
+__device__ void load_projected_rows(const FusedStep& f, const FusedMember& mb, int rb, const Group& g, char* smem) {
+  constexpr int kInFlight = 8;
+  const auto* rows = static_cast<const ScoreT*>(mb.kv.data);
+  const int tokens = min(g.base + g.stride - 1, f.tokens) - g.base;  // the span's rows that exist
+  const int work = kFusedRowsPerBlock * tokens;
+  const bool round = mb.c.round_bf16;
+  float* vals = smem_vals(smem);
+  // Consecutive threads take consecutive rows of one token: runs of 16 or 32 adjacent columns.
+  for (int idx0 = threadIdx.x; idx0 < work; idx0 += kInFlight * kFusedThreads) {
+    float v[kInFlight];
+#pragma unroll
+    for (int k = 0; k < kInFlight; ++k) {
+      const int idx = idx0 + k * kFusedThreads;
+      if (idx < work) {
+        const int tok = idx / kFusedRowsPerBlock, row = idx % kFusedRowsPerBlock;
+        v[k] = to_float(__ldcg(rows + static_cast<std::int64_t>(g.base + tok) * mb.kv.ld + block_column(mb.c, rb, row)));
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kInFlight; ++k) {
+      const int idx = idx0 + k * kFusedThreads;
+      if (idx < work)
+        vals[(idx % kFusedRowsPerBlock) * g.stride + idx / kFusedRowsPerBlock] = round ? num::round_to_bf16(v[k]) : v[k];
+    }
+  }
+  __syncthreads();
+}
+
 // A pool item: the channels of row block `rb` for the requests of one group. Pools those
 // channels of every completed window of the group, counts itself done for the entries, then
 // updates those channels' state.
 // `g` comes from stage_plan.
-template <bool kStash>
+template <bool kStash, bool kProject>
 __device__ void pool_item(const FusedStep& f, int member, int rb_global, int rb, const Group& g, char* smem) {
   const FusedMember& mb = f.m[member];
-  sum_slices(f, mb, rb_global, g, smem);
+  if constexpr (kProject) sum_slices(f, mb, rb_global, g, smem);
+  else if (mb.kv.dtype == DType::f32) load_projected_rows<float>(f, mb, rb, g, smem);
+  else load_projected_rows<std::uint16_t>(f, mb, rb, g, smem);
   DSV4_STAMP(f, mark1);
   const float* vals = smem_vals(smem);
   const CompressorConsts& c = mb.c;
@@ -628,11 +666,18 @@ __device__ void pool_item(const FusedStep& f, int member, int rb_global, int rb,
 
 // Shared memory of a projection item: x of one pass, then the staged weights (128-aligned).
 __host__ __device__ constexpr std::size_t staged_weights_offset(const FusedStep& f) {
+  if (f.projected) return 0;  // the compress step stages neither x nor weights
   const std::size_t x_bytes = static_cast<std::size_t>(f.tokens_per_pass) * (f.hidden / kFusedSlices + kXPad) * 2;
   return (x_bytes + 127) / 128 * 128;
 }
 
 constexpr int kBlocksPerSm = 3;  // the kernel's registers allow three blocks per SM
+// The compress step's instance (no projection code) is built for more blocks per SM: its pool
+// items and entries are chains of dependent memory round trips, and more of them in flight is
+// what makes a large batch fast. Four is the most without spills (128 registers); measured on
+// the H100 against eight (64 registers, 272 bytes of spills): Flash CSA layer decode B=64 30.1
+// against 33.5 us, B=256 43.6 against 50.8, HCA B=256 26.3 against 29.0.
+constexpr int kCompressBlocksPerSm = 4;
 
 // The exit count (thread 0): a block done with the counters adds one; the last block to do so
 // (its add returned gridDim.x - 1) returns them to zero for the next launch.
@@ -656,15 +701,19 @@ __device__ void leave_counters(const FusedStep& f) {
 // the copies overlap the projection. Measured on the H100 (docs/PERF.md): Flash CSA layer
 // decode B=1 15.4 -> 14.6 us; in steps with more items than blocks (B=8: pool items taken
 // after the projection) it cost 1.5-2.7 us instead.
-template <int kTiles, bool kStash>
-__global__ void __launch_bounds__(kFusedThreads, kBlocksPerSm) fused_step_kernel(const __grid_constant__ FusedStep f) {
+// kProject: false for the compress step (f.projected): no projection items, pool items read
+// the members' kv rows.
+template <int kTiles, bool kStash, bool kProject>
+__global__ void __launch_bounds__(kFusedThreads, kProject ? kBlocksPerSm : kCompressBlocksPerSm)
+    fused_step_kernel(const __grid_constant__ FusedStep f) {
   extern __shared__ uint4 smem[];
   __shared__ int s_ticket;
   auto* xs = reinterpret_cast<std::uint16_t*>(smem);
   std::uint16_t* ws = xs + staged_weights_offset(f) / 2;
   auto* raw = reinterpret_cast<char*>(smem);
   unsigned* counters = f.counters;
-  const int projection_items = f.row_blocks * kFusedSlices, pool_end = projection_items + f.pool_items;
+  const int projection_items = kProject ? f.row_blocks * kFusedSlices : 0;
+  const int pool_end = projection_items + f.pool_items;
   const int items = pool_end + f.entries;
   const bool one_wave = static_cast<int>(gridDim.x) >= items;  // a block for every item: no tickets
   bool waited = false, released = false, left = false;
@@ -679,14 +728,16 @@ __global__ void __launch_bounds__(kFusedThreads, kBlocksPerSm) fused_step_kernel
 #endif
   while (t < items) {
     if (t < projection_items) {
-      const int rb_global = t / kFusedSlices, slice = t % kFusedSlices;
-      const int m = (f.members > 1 && rb_global >= f.m[1].first_row_block) ? 1 : 0;
-      const FusedMember& mb = f.m[m];
-      const int rb = rb_global - mb.first_row_block;
-      float* out = f.partials + (static_cast<std::int64_t>(rb_global) * kFusedSlices + slice) * kFusedRowsPerBlock * f.tokens_cap;
-      project_item<kTiles>(f, mb, rb, slice, out, xs, ws, waited);
-      __syncthreads();  // every thread's partial sums are written; one release publishes them
-      if (threadIdx.x == 0) add_release(&counters[kCounterRowBlocks + rb_global], 1u);
+      if constexpr (kProject) {
+        const int rb_global = t / kFusedSlices, slice = t % kFusedSlices;
+        const int m = (f.members > 1 && rb_global >= f.m[1].first_row_block) ? 1 : 0;
+        const FusedMember& mb = f.m[m];
+        const int rb = rb_global - mb.first_row_block;
+        float* out = f.partials + (static_cast<std::int64_t>(rb_global) * kFusedSlices + slice) * kFusedRowsPerBlock * f.tokens_cap;
+        project_item<kTiles>(f, mb, rb, slice, out, xs, ws, waited);
+        __syncthreads();  // every thread's partial sums are written; one release publishes them
+        if (threadIdx.x == 0) add_release(&counters[kCounterRowBlocks + rb_global], 1u);
+      }
     } else {
       auto wait_once = [&] {
         if (!waited) {
@@ -709,7 +760,7 @@ __global__ void __launch_bounds__(kFusedThreads, kBlocksPerSm) fused_step_kernel
         prefetch_pool_state(mb, g, rb);
         // The kStash instance (steps of at most 8 tokens whose items all have a block) pools
         // from a stash gathered while the projection runs (stash_pool_inputs).
-        char* stash = raw + pool_stash_offset(mb.group_requests, f.tokens_cap);
+        char* stash = raw + pool_stash_offset(f, mb.group_requests);
         if (kStash) stage_pool_ape(mb, rb, reinterpret_cast<float*>(stash + 8 * kStashRequestBytes));
         wait_once();
         if (kStash) {
@@ -717,7 +768,7 @@ __global__ void __launch_bounds__(kFusedThreads, kBlocksPerSm) fused_step_kernel
           g.stash = stash;
           g.ape4 = reinterpret_cast<const float*>(stash + 8 * kStashRequestBytes);
         }
-        pool_item<kStash>(f, m, mb.first_row_block + rb, rb, g, raw);
+        pool_item<kStash, kProject>(f, m, mb.first_row_block + rb, rb, g, raw);
       } else {
         const int u = t - pool_end;
         const int m = (f.members > 1 && u >= f.m[1].first_entry) ? 1 : 0;
@@ -760,19 +811,21 @@ __global__ void __launch_bounds__(kFusedThreads, kBlocksPerSm) fused_step_kernel
   if (threadIdx.x == 0 && !left) leave_counters(f);
 }
 
-// The kernel instance for a step: one 8-token tile per pass when the step has at most 8 tokens.
+// The kernel instance for a step: the compress step's; else one 8-token tile per pass when the
+// step has at most 8 tokens.
 using FusedKernel = void (*)(FusedStep);
 FusedKernel kernel_for(const FusedStep& f) {
-  if (f.tokens_per_pass > 8) return fused_step_kernel<kMaxTiles, false>;
-  return f.stash ? fused_step_kernel<1, true> : fused_step_kernel<1, false>;
+  if (f.projected) return fused_step_kernel<1, false, false>;
+  if (f.tokens_per_pass > 8) return fused_step_kernel<kMaxTiles, false, true>;
+  return f.stash ? fused_step_kernel<1, true, true> : fused_step_kernel<1, false, true>;
 }
 
 std::size_t shared_bytes(const FusedStep& f) {
   const std::size_t staged_bytes = static_cast<std::size_t>(f.staged_kblocks) * kFusedRowsPerBlock * 64;
   int group_requests = 0;
   for (int m = 0; m < f.members; ++m) group_requests = std::max(group_requests, f.m[m].group_requests);
-  const std::size_t pool_bytes = f.stash ? pool_stash_offset(group_requests, f.tokens_cap) + kStashBytes
-                                                       : pool_vals_bytes(f.tokens_cap) + pool_group_bytes(group_requests, f.tokens_cap);
+  const std::size_t pool_bytes = f.stash ? pool_stash_offset(f, group_requests) + kStashBytes
+                                        : pool_vals_bytes(f.vals_rows) + pool_group_bytes(group_requests, f.tokens_cap);
   const std::size_t finish_bytes = (kFinishMaxHeadDim + 32) * 4;
   return std::max({staged_weights_offset(f) + staged_bytes, pool_bytes, finish_bytes});
 }
@@ -826,36 +879,46 @@ bool fused_shape_supported(int head_dim, std::int64_t hidden) {
 std::size_t fused_counter_count(const FusedStep& f) { return kCounterRowBlocks + static_cast<std::size_t>(f.row_blocks); }
 
 std::size_t fused_partial_floats(const FusedStep& f) {
+  if (f.projected) return 0;
   return static_cast<std::size_t>(f.row_blocks) * kFusedSlices * kFusedRowsPerBlock * static_cast<std::size_t>(f.tokens_cap);
 }
 
 int fused_prepare_launch(FusedStep& f, int device) {
   // Pool items: a row block's channels for a group of requests. Pooling is bound by the
-  // latency of its instructions, so the batch is cut into as many groups as keep about three
-  // blocks per SM busy (at most 32 or 16 requests a group, at least one).
+  // latency of its instructions, so the batch is cut into as many groups as the grid has
+  // blocks for (at most 32 or 16 requests a group, at least one), and no more: a pool item
+  // left for a second wave delays every entry of its member by a whole item. Where the
+  // entries are fewer than half the grid, the groups leave them a block each too.
   int sms = 0;
   DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const int target_items = 3 * sms;
+  const int target_items = (f.projected ? kCompressBlocksPerSm : kBlocksPerSm) * sms;
+  const int pool_target = f.entries < target_items / 2 ? target_items - f.entries : target_items;
+  const int most_groups = std::max(1, pool_target / std::max(1, f.row_blocks));
   f.pool_items = 0;
+  f.vals_rows = 0;
   for (int k = 0; k < f.members; ++k) {
     FusedMember& mb = f.m[k];
     const int most = 512 / channels_per_block(mb.c.overlap), n = mb.p.num_requests;
-    const int wanted = static_cast<int>((static_cast<std::int64_t>(n) * f.row_blocks + target_items - 1) / target_items);
-    mb.group_requests = std::max(1, std::min({most, n, wanted}));
+    mb.group_requests = std::max(1, std::min(most, (n + most_groups - 1) / most_groups));
     mb.groups = std::max(1, (n + mb.group_requests - 1) / mb.group_requests);
     mb.first_pool_item = f.pool_items;
     f.pool_items += mb.row_blocks * mb.groups;
+    // A group's rows of x, from its first token rounded down to 4 to its last rounded up.
+    const std::int64_t span = static_cast<std::int64_t>(mb.group_requests) * mb.p.max_request_tokens + 6;
+    f.vals_rows = std::max(f.vals_rows, static_cast<int>(std::min<std::int64_t>(f.tokens_cap, span)));
   }
   // As many tokens per pass as fit 72 KiB of staged x, in 8-token tiles (32 for either model).
   const int ks = f.hidden / kFusedSlices;
   const int fit = (72 * 1024 / ((ks + kXPad) * 2)) / 8 * 8;
-  f.tokens_per_pass = std::max(8, std::min({kMaxTiles * 8, f.tokens_cap, fit}));
+  // The compress step projects nothing: the one-tile instance, with nothing staged.
+  f.tokens_per_pass = f.projected ? 8 : std::max(8, std::min({kMaxTiles * 8, f.tokens_cap, fit}));
+  const int projection_items = f.projected ? 0 : f.row_blocks * kFusedSlices;
   // Pool items gather their state ahead of the slices where every item has a block from the
   // start (fused_step_kernel's kStash). Judged against three blocks per SM, which the
   // staged-weights budget below keeps; were the grid smaller, the stash stays correct and
   // only its timing advantage is lost.
-  const int all_items = f.row_blocks * kFusedSlices + f.pool_items + f.entries;
-  f.stash = f.tokens_per_pass <= 8 && all_items <= kBlocksPerSm * sms;
+  const int items = projection_items + f.pool_items + f.entries;
+  f.stash = !f.projected && f.tokens_per_pass <= 8 && items <= kBlocksPerSm * sms;
   // As many k blocks of each projection item's weights in shared memory as leave room for
   // three blocks per SM: all of them for Flash steps of up to 8 tokens, 15 of 28 for Pro.
   int sm_bytes = 0, reserved = 0, optin = 0;
@@ -867,7 +930,7 @@ int fused_prepare_launch(FusedStep& f, int device) {
   DSV4_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
   const std::int64_t budget = sm_bytes / kBlocksPerSm - reserved - static_cast<std::int64_t>(attributes.sharedSizeBytes) -
                               static_cast<std::int64_t>(staged_weights_offset(f));
-  f.staged_kblocks = static_cast<int>(std::clamp<std::int64_t>(budget / (kFusedRowsPerBlock * 64), 0, ks / 32));
+  f.staged_kblocks = f.projected ? 0 : static_cast<int>(std::clamp<std::int64_t>(budget / (kFusedRowsPerBlock * 64), 0, ks / 32));
   // Plans of different shapes may be launched in any order: allow the most any plan may ask.
   DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        optin - static_cast<int>(attributes.sharedSizeBytes)));
@@ -880,7 +943,6 @@ int fused_prepare_launch(FusedStep& f, int device) {
     if (per_sm >= kBlocksPerSm || f.staged_kblocks == 0) break;
     --f.staged_kblocks;
   }
-  const int items = f.row_blocks * kFusedSlices + f.pool_items + f.entries;
   const int blocks = std::max(1, std::min(items, std::max(1, per_sm) * sms));
 #ifdef DSV4_FUSED_TIMELINE
   attach_timeline(f, blocks);

@@ -2,6 +2,11 @@
 // compressors (a CSA layer's main and indexer share x), forms kv_score on chip, pools every
 // completed window, updates the state, and finishes and stores the entries.
 //
+// The same kernel also runs as the compress step of the unfused path (FusedStep::projected):
+// no projection items, and the pool items read the kv_score rows the cuBLASLt projection
+// wrote. One launch then replaces three kernels per member, with the same bits: its pooling,
+// state update and epilogue are those of pool_windows, update_state and finish_entries.
+//
 // The projection's arithmetic is fixed whatever the batch: hidden is cut into kFusedSlices
 // equal slices; in each slice two accumulators start from zero and take, in k order, the first
 // and the second half of every 32-wide k block on tensor cores, and are then added; the
@@ -29,6 +34,7 @@ struct FusedMember {
   CompressorConsts c;
   DevicePlan p;
   StateView st;
+  KvScoreView kv;                    // compress step: this member's projected rows
   float* pooled = nullptr;           // [entries, head_dim]
   std::uint8_t* cache = nullptr;     // may be null
   std::uint16_t* entries = nullptr;  // may be null
@@ -55,7 +61,9 @@ struct FusedStep {
   float* partials = nullptr;      // [row_blocks][kFusedSlices][kFusedRowsPerBlock][tokens_cap]
   unsigned* counters = nullptr;   // see fused_counter_count; zero between launches
   int tokens_cap = 0;             // tokens rounded up to 8
+  int vals_rows = 0;              // rows of x a pool item holds at most (fused_prepare_launch)
   bool stash = false;             // pool items stash their state inputs (fused_prepare_launch)
+  bool projected = false;         // the compress step: kv_score comes from the members' kv rows
   void* timeline = nullptr;       // per-block phase stamps, only in DSV4_FUSED_TIMELINE builds
 };
 
@@ -63,8 +71,9 @@ struct FusedStep {
 bool fused_shape_supported(int head_dim, std::int64_t hidden);
 std::size_t fused_counter_count(const FusedStep& f);
 std::size_t fused_partial_floats(const FusedStep& f);
-// Fills tokens_per_pass, staged_kblocks and the request groups, and returns the blocks to launch (the kernel is persistent: it never
-// launches more blocks than can be resident at once).
+// Fills tokens_per_pass, staged_kblocks and the request groups, and returns the blocks to
+// launch (the kernel is persistent: it never launches more blocks than can be resident at
+// once). Set `projected` before.
 int fused_prepare_launch(FusedStep& f, int device);
 // Launches with programmatic dependent launch, so that the weight loads of this step may
 // start while the previous kernel in the stream finishes.
