@@ -71,9 +71,13 @@ enum class FusedDecode {
 // How a CUDA compressor runs what follows the cuBLASLt projection in a decode-shaped step (at
 // most 256 tokens) that is not fused. The values are the same bits either way.
 enum class CompressLaunch {
+  // One launch where measured faster (docs/PERF.md): a CSA layer's main and indexer
+  // (CompressorGroup) in steps that complete an entry, and ratio 128 with WindowState::running
+  // alone in such steps of at least 64 tokens. Elsewhere the per-stage kernels.
+  automatic,
   // Pooling, state update and entries in one launch, for every member of a CompressorGroup
-  // together, in steps that complete an entry, where the shape allows it (ratio 4, or ratio
-  // 128 with WindowState::running). Other steps run the per-stage kernels.
+  // together, in every step that completes an entry where the shape allows it (ratio 4, or
+  // ratio 128 with WindowState::running) (tests, benchmarks).
   single,
   // Three kernels per compressor: pooling, state update, entries (tests, benchmarks).
   per_stage,
@@ -84,7 +88,7 @@ struct Options {
   Precision precision;
   WindowState window_state = WindowState::rows;
   FusedDecode fused_decode = FusedDecode::automatic;
-  CompressLaunch compress_launch = CompressLaunch::single;
+  CompressLaunch compress_launch = CompressLaunch::automatic;
 };
 
 // One request's part of a batch.

@@ -43,6 +43,10 @@ std::shared_ptr<void> device_copy(int device, const std::vector<T>& host) {
 // The automatic choice takes the fused step up to this many tokens (fused_wins).
 constexpr std::int64_t kFusedAutoMaxTokens = 8;
 
+// The automatic choice gives a ratio-128 compressor alone the compress step from this many
+// tokens (compress_step_alone).
+constexpr std::int64_t kCompressAloneMinTokens = 64;
+
 // Programmatic dependent launches (launch.cuh) need sm_90 or later.
 bool dependent_launch_supported(int device) {
   int major = 0;
@@ -184,7 +188,7 @@ class CudaBackend final : public Backend {
     } else if (own_rows) {
       cp->kv_score = device_alloc(device_, static_cast<std::size_t>(plan.num_tokens() * spec_.projection_width()) *
                                                dtype_size(precision_.kv_score));
-      if (compress_step_supported(plan)) {
+      if (compress_step_alone(plan)) {
         cp->compress_step = make_fused_plan(device_, {fused_member(*cp, nullptr)}, plan.num_tokens(), spec_.hidden, true);
         plan.compress_step = true;
       }
@@ -265,10 +269,22 @@ class CudaBackend final : public Backend {
   // member, which measured faster than the compress step (Flash CSA layer decode-partial B=64
   // 18.8 against 22.0 us; docs/PERF.md).
   bool compress_step_supported(const detail::PlanData& plan) const {
-    return options_.compress_launch == CompressLaunch::single && plan.num_entries() > 0 &&
+    return options_.compress_launch != CompressLaunch::per_stage && plan.num_entries() > 0 &&
            plan.num_tokens() <= cuda::kFusedMaxTokens &&
            cuda::fused_shape_supported(static_cast<int>(spec_.head_dim), spec_.hidden) &&
            ((spec_.overlap() && spec_.ratio == 4) || options_.window_state == WindowState::running);
+  }
+
+  // Whether this compressor alone (not in a group) takes the compress step. Measured on the
+  // H100 against the per-stage kernels (docs/PERF.md, 2026-11-24): a CSA compressor alone
+  // loses at every batch (Flash CSA main decode B=64 24.8 against 23.9 us, B=256 42.0 against
+  // 26.2), where a CSA layer's group wins (below); ratio 128 with running state wins from 64
+  // tokens (Flash HCA B=64 19.7 against 20.1, B=256 27.8 against 35.8) and loses at 32 (18.7
+  // against 17.3).
+  bool compress_step_alone(const detail::PlanData& plan) const {
+    if (!compress_step_supported(plan)) return false;
+    if (options_.compress_launch == CompressLaunch::single) return true;
+    return !spec_.overlap() && plan.num_tokens() >= kCompressAloneMinTokens;
   }
 
   // This compressor as a member of a fused step over the weights at `w`.
@@ -337,8 +353,14 @@ class CudaGroupProjection final : public GroupProjection {
                    static_cast<cudaStream_t>(stream));
   }
 
+  // A group of two (a CSA layer's main and indexer) takes the compress step wherever it is
+  // supported: measured on the H100 against the per-stage kernels (docs/PERF.md, 2026-11-24),
+  // Flash CSA layer decode B=32 27.3 against 31.9 us, B=64 29.2 against 35.1, B=128 37.2
+  // against 41.8, B=256 43.7 against 44.2; Pro B=64 38.5 against 44.4. A group of one is a
+  // compressor alone.
   std::shared_ptr<void> prepare_compress(const std::vector<const detail::PlanData*>& plans) const override {
     if (members_.size() > static_cast<std::size_t>(cuda::kFusedMaxMembers)) return nullptr;
+    if (members_.size() == 1 && !members_[0]->compress_step_alone(*plans[0])) return nullptr;
     std::vector<cuda::FusedMember> fm;
     for (std::size_t k = 0; k < members_.size(); ++k) {
       if (!members_[k]->compress_step_supported(*plans[k])) return nullptr;
