@@ -91,18 +91,17 @@ void CompressorGroup::run(const GroupPlan& plan, const TensorView& x, const std:
     return;
   }
   projection_->run(x, plan.rows_.get(), stream);
-  if (plan.compress_) {
-    projection_->run_compress(plan.compress_.get(), plan.rows_.get(), datas, outputs, stream);
-    for (std::size_t m = 0; m < members_.size(); ++m) members_[m]->advance(plan.plans_[m], *states[m]);
-    return;
-  }
   const std::size_t elem = dtype_size(projection_->dtype());
-  for (std::size_t m = 0; m < members_.size(); ++m) {
-    const KvScoreRows rows{static_cast<const char*>(plan.rows_.get()) + column_offsets_[m] * static_cast<std::int64_t>(elem),
-                           projection_->dtype(), projection_->width()};
-    members_[m]->backend().compress(plan.plans_[m].data(), rows, states[m]->data(), outputs[m], stream);
-    members_[m]->advance(plan.plans_[m], *states[m]);
-  }
+  std::vector<KvScoreRows> rows;  // each member's columns of the shared rows
+  for (std::size_t m = 0; m < members_.size(); ++m)
+    rows.push_back({static_cast<const char*>(plan.rows_.get()) + column_offsets_[m] * static_cast<std::int64_t>(elem),
+                    projection_->dtype(), projection_->width()});
+  if (plan.compress_)
+    projection_->run_compress(plan.compress_.get(), rows, datas, outputs, stream);
+  else
+    for (std::size_t m = 0; m < members_.size(); ++m)
+      members_[m]->backend().compress(plan.plans_[m].data(), rows[m], states[m]->data(), outputs[m], stream);
+  for (std::size_t m = 0; m < members_.size(); ++m) members_[m]->advance(plan.plans_[m], *states[m]);
 }
 
 }  // namespace dsv4

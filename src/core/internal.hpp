@@ -96,7 +96,8 @@ class GroupProjection {
     (void)plans;
     return nullptr;
   }
-  virtual void run_compress(const void* compress, const void* rows, const std::vector<detail::StateData*>& states,
+  virtual void run_compress(const void* compress, const std::vector<KvScoreRows>& rows,
+                            const std::vector<detail::StateData*>& states,
                             const std::vector<RunOutputs>& outputs, void* stream) const {
     (void)compress, (void)rows, (void)states, (void)outputs, (void)stream;
   }

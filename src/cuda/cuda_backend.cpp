@@ -370,14 +370,11 @@ class CudaGroupProjection final : public GroupProjection {
     return make_fused_plan(device_, fm, plans[0]->num_tokens(), hidden_, true);
   }
 
-  void run_compress(const void* compress, const void* rows, const std::vector<detail::StateData*>& states,
-                    const std::vector<RunOutputs>& outputs, void* stream) const override {
+  void run_compress(const void* compress, const std::vector<KvScoreRows>& rows,
+                    const std::vector<detail::StateData*>& states, const std::vector<RunOutputs>& outputs,
+                    void* stream) const override {
     std::vector<cuda::KvScoreView> kv;
-    std::int64_t column = 0;
-    for (const CudaBackend* m : members_) {  // member k's columns follow those of the members before it
-      kv.push_back({static_cast<const char*>(rows) + column * static_cast<std::int64_t>(dtype_size(dtype_)), dtype_, width_});
-      column += m->spec().projection_width();
-    }
+    for (const KvScoreRows& r : rows) kv.push_back({r.data, r.dtype, r.ld});
     run_fused_plan(device_, *static_cast<const FusedPlan*>(compress), nullptr, kv, state_views(states), outputs,
                    static_cast<cudaStream_t>(stream));
   }
