@@ -5,13 +5,16 @@
 #include <cuda_runtime.h>
 #include <sys/wait.h>
 
+#include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <string>
 
 #include "core/internal.hpp"
 #include "core/numerics.hpp"
+#include "cuda/projection.hpp"
 #include "io/safetensors.hpp"
 #include "support/files.hpp"
 #include "support/group.hpp"
@@ -557,6 +560,49 @@ TEST(CudaGraph, CapturedRunReplaysWithNewInputs) {
     cudaGraphExecDestroy(exec);
     cudaGraphDestroy(graph);
     cudaStreamDestroy(stream);
+  }
+}
+
+// SPEC section 3 at the projection itself: different token counts take different cuBLASLt
+// algorithms (cuda::Projection's ranges), and a token's row must keep its bits at every count.
+// Rows of calls from 1 to about 2100 tokens, starting at random tokens, against the same rows
+// of one call over every token; Flash and Pro shapes (a CSA layer's shared width), both outputs.
+TEST(CudaProjection, RowsKeepTheirBitsAcrossTokenRanges) {
+  REQUIRE_GPU();
+  std::mt19937_64 rng(std::random_device{}());
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (Model model : {Model::flash, Model::pro}) {
+    const auto main_spec = CompressorSpec::preset(model, CompressorKind::csa_main);
+    const auto idx_spec = CompressorSpec::preset(model, CompressorKind::csa_indexer);
+    const std::int64_t width = main_spec.projection_width() + idx_spec.projection_width();
+    const std::int64_t hidden = small() ? 256 : main_spec.hidden, tokens = small() ? 300 : 2200;
+    std::vector<std::uint16_t> w(static_cast<std::size_t>(width * hidden)), x(static_cast<std::size_t>(tokens * hidden));
+    const float w_std = 1.0f / std::sqrt(static_cast<float>(hidden));
+    for (auto& v : w) v = num::bf16_from_f32(normal(rng) * w_std);
+    for (auto& v : x) v = num::bf16_from_f32(normal(rng));
+    Buffer dw(Device::cuda(0), w.size() * 2), dx(Device::cuda(0), x.size() * 2);
+    ASSERT_EQ(cudaMemcpy(dw.data(), w.data(), w.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(dx.data(), x.data(), x.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
+    for (DType out : {DType::f32, DType::bf16}) {
+      const std::size_t row_bytes = static_cast<std::size_t>(width) * dtype_size(out);
+      const cuda::Projection projection(0, dw.data(), width, hidden, out);
+      Buffer dall(Device::cuda(0), static_cast<std::size_t>(tokens) * row_bytes), dpart(Device::cuda(0), static_cast<std::size_t>(tokens) * row_bytes);
+      projection.run(dx.data(), tokens, dw.data(), dall.data(), width, nullptr);
+      std::vector<unsigned char> all(static_cast<std::size_t>(tokens) * row_bytes), part;
+      ASSERT_EQ(cudaMemcpy(all.data(), dall.data(), all.size(), cudaMemcpyDeviceToHost), cudaSuccess);
+      for (std::int64_t n : {1, 3, 8, 9, 16, 17, 40, 64, 65, 130, 256, 257, 600, 1100, 2100}) {
+        if (n > tokens) continue;
+        const std::int64_t first = std::uniform_int_distribution<std::int64_t>(0, tokens - n)(rng);
+        ASSERT_EQ(cudaMemset(dpart.data(), 0xff, static_cast<std::size_t>(n) * row_bytes), cudaSuccess);  // NaN poison
+        projection.run(static_cast<const std::uint16_t*>(dx.data()) + first * hidden, n, dw.data(), dpart.data(), width, nullptr);
+        part.resize(static_cast<std::size_t>(n) * row_bytes);
+        ASSERT_EQ(cudaMemcpy(part.data(), dpart.data(), part.size(), cudaMemcpyDeviceToHost), cudaSuccess);
+        EXPECT_EQ(0, std::memcmp(part.data(), all.data() + static_cast<std::size_t>(first) * row_bytes, part.size()))
+            << model_name(model) << ", " << dtype_name(out) << " output, " << n << " tokens from token " << first;
+      }
+      std::printf("    %s %s: %d of %d token ranges with an algorithm of their own\n", std::string(model_name(model)).c_str(),
+                  std::string(dtype_name(out)).c_str(), projection.ranges_with_own_algorithm(), projection.ranges());
+    }
   }
 }
 

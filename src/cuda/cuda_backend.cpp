@@ -125,9 +125,9 @@ class CudaBackend final : public Backend {
  public:
   CudaBackend(const CompressorSpec& spec, const HostWeights& weights, const Options& options)
       : spec_(spec), options_(options), precision_(options.precision), device_(options.device.index),
-        projection_(device_, spec.projection_width(), spec.hidden, precision_.kv_score) {
+        wkv_gate_(device_copy(device_, weights.wkv_gate)),
+        projection_(device_, wkv_gate_.get(), spec.projection_width(), spec.hidden, precision_.kv_score) {
     cuda::DeviceGuard guard(device_);
-    wkv_gate_ = device_copy(device_, weights.wkv_gate);
     ape_ = device_copy(device_, weights.ape);
     norm_ = device_copy(device_, weights.norm);
     inv_freq_ = device_copy(device_, yarn_inv_freq(spec.rope));
@@ -309,8 +309,9 @@ class CudaBackend final : public Backend {
   Options options_;
   Precision precision_;
   int device_;
+  std::shared_ptr<void> wkv_gate_;  // before projection_, which probes its algorithms with it
   cuda::Projection projection_;
-  std::shared_ptr<void> wkv_gate_, ape_, norm_, inv_freq_;
+  std::shared_ptr<void> ape_, norm_, inv_freq_;
   cuda::CompressorConsts consts_;
   bool pdl_ = false;  // programmatic dependent launches (sm_90 and later)
 };
@@ -322,7 +323,7 @@ class CudaGroupProjection final : public GroupProjection {
   CudaGroupProjection(int device, std::shared_ptr<void> w, std::int64_t width, std::int64_t hidden, DType dtype,
                       std::vector<const CudaBackend*> members)
       : device_(device), w_(std::move(w)), width_(width), hidden_(hidden), dtype_(dtype),
-        projection_(device, width, hidden, dtype), members_(std::move(members)) {}
+        projection_(device, w_.get(), width, hidden, dtype), members_(std::move(members)) {}
   std::int64_t width() const override { return width_; }
   DType dtype() const override { return dtype_; }
   std::shared_ptr<void> allocate_rows(std::int64_t tokens) const override {

@@ -1,8 +1,10 @@
 #include "cuda/projection.hpp"
 
 #include <algorithm>
-#include <cstdlib>
+#include <cstring>
+#include <limits>
 #include <string>
+#include <vector>
 
 #include "cuda/cuda_check.hpp"
 
@@ -15,9 +17,18 @@ void check(cublasStatus_t s, const char* what) {
     throw DeviceError(std::string("cuBLASLt: ") + what + " failed with status " + std::to_string(static_cast<int>(s)));
 }
 
-// Measured on an H100 (docs/PERF.md): chosen at 256 tokens, decode steps run as fast as with
-// the per-shape heuristic, while choosing at 4096 made them 2-2.5x slower.
+// Each range of token counts takes cuBLASLt's choice at its top: 8, 16, ..., 4096 tokens (the
+// last also serves every larger count). Measured on an H100 (docs/PERF.md,
+// `dsv4-compressor bench-projection`): one algorithm chosen at 256 tokens for every count
+// made a Flash CSA layer's projection 13.5 us at 64 tokens and 189 us at 4096, against 10.4
+// and 109 for the heuristic's choice at each count, and every algorithm that keeps K whole
+// computed the same bits.
+constexpr std::int64_t kSmallestRange = 8;
+constexpr std::int64_t kLargestRange = 4096;
+// The algorithm every other must agree with bit for bit (and the fallback).
 constexpr std::int64_t kReferenceTokens = 256;
+// Tokens of the probe that checks the agreement: more than a 64-row tile, not a multiple of it.
+constexpr std::int64_t kProbeTokens = 72;
 
 cudaDataType_t cuda_type(DType d) { return d == DType::f32 ? CUDA_R_32F : CUDA_R_16BF; }
 
@@ -39,7 +50,7 @@ struct Layouts {
 
 }  // namespace
 
-Projection::Projection(int device, std::int64_t width, std::int64_t hidden, DType out_dtype)
+Projection::Projection(int device, const void* w, std::int64_t width, std::int64_t hidden, DType out_dtype)
     : width_(width), hidden_(hidden), out_dtype_(out_dtype) {
   const DeviceGuard guard(device);
   check(cublasLtCreate(&handle_), "create");
@@ -53,26 +64,71 @@ Projection::Projection(int device, std::int64_t width, std::int64_t hidden, DTyp
   check(cublasLtMatmulPreferenceCreate(&pref), "preference");
   const std::uint64_t workspace = 0;
   check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace, sizeof workspace), "workspace");
-  // The shape the algorithm is chosen for. DSV4_PROJECTION_REF_TOKENS overrides it (a tuning
-  // knob for benchmarks; every process with the same value gets the same algorithm).
-  std::int64_t ref_tokens = kReferenceTokens;
-  if (const char* env = std::getenv("DSV4_PROJECTION_REF_TOKENS")) ref_tokens = std::max(1ll, std::atoll(env));
-  const Layouts l(width, hidden, ref_tokens, width, out_dtype);
-  cublasLtMatmulHeuristicResult_t results[16];
-  int found = 0;
-  check(cublasLtMatmulAlgoGetHeuristic(handle_, desc_, l.a, l.b, l.d, l.d, pref, 16, results, &found), "heuristic");
-  cublasLtMatmulPreferenceDestroy(pref);
-  bool chosen = false;
-  for (int r = 0; r < found && !chosen; ++r) {
-    if (results[r].state != CUBLAS_STATUS_SUCCESS) continue;
-    int split_k = 1;
-    std::size_t written = 0;
-    cublasLtMatmulAlgoConfigGetAttribute(&results[r].algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &split_k, sizeof split_k, &written);
-    if (split_k > 1) continue;
-    algo_ = results[r].algo;
-    chosen = true;
+  // The heuristic's first algorithm at `tokens` that keeps K whole (a split changes the sums).
+  auto choose = [&](std::int64_t tokens, cublasLtMatmulAlgo_t* algo) {
+    const Layouts l(width, hidden, tokens, width, out_dtype);
+    cublasLtMatmulHeuristicResult_t results[16];
+    int found = 0;
+    check(cublasLtMatmulAlgoGetHeuristic(handle_, desc_, l.a, l.b, l.d, l.d, pref, 16, results, &found), "heuristic");
+    for (int r = 0; r < found; ++r) {
+      if (results[r].state != CUBLAS_STATUS_SUCCESS) continue;
+      int split_k = 1;
+      std::size_t written = 0;
+      cublasLtMatmulAlgoConfigGetAttribute(&results[r].algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &split_k, sizeof split_k, &written);
+      if (split_k > 1) continue;
+      *algo = results[r].algo;
+      return true;
+    }
+    return false;
+  };
+  cublasLtMatmulAlgo_t reference{};
+  const bool have_reference = choose(kReferenceTokens, &reference);
+  for (std::int64_t top = kSmallestRange; top <= kLargestRange; top *= 2) {
+    cublasLtMatmulAlgo_t a = reference;  // where the heuristic offers none
+    choose(top, &a);
+    choices_.push_back({top == kLargestRange ? std::numeric_limits<std::int64_t>::max() : top, a});
   }
-  if (!chosen) throw DeviceError("cuBLASLt: no algorithm without split-K for the projection " + std::to_string(width) + " x " + std::to_string(hidden));
+  cublasLtMatmulPreferenceDestroy(pref);
+  if (!have_reference)
+    throw DeviceError("cuBLASLt: no algorithm without split-K for the projection " + std::to_string(width) + " x " + std::to_string(hidden));
+
+  // The probe: the same x through the reference and through every other algorithm taken.
+  std::vector<std::uint16_t> host_x(static_cast<std::size_t>(kProbeTokens * hidden));
+  for (std::size_t i = 0; i < host_x.size(); ++i) {  // bf16 in [-1, 1) from a hash of the index
+    std::uint32_t h = static_cast<std::uint32_t>(i) * 2654435761u;
+    h ^= h >> 15;
+    h *= 2246822519u;
+    h ^= h >> 13;
+    const float v = static_cast<float>(h & 0xffffff) / 16777216.0f * 2.0f - 1.0f;
+    std::uint32_t bits = 0;
+    std::memcpy(&bits, &v, 4);
+    host_x[i] = static_cast<std::uint16_t>(bits >> 16);
+  }
+  const std::size_t out_bytes = static_cast<std::size_t>(kProbeTokens * width) * (out_dtype == DType::f32 ? 4 : 2);
+  struct DeviceBuffer {
+    void* p = nullptr;
+    explicit DeviceBuffer(std::size_t bytes) { DSV4_CUDA_CHECK(cudaMalloc(&p, bytes)); }
+    ~DeviceBuffer() { cudaFree(p); }
+  };
+  const DeviceBuffer x(host_x.size() * 2), out(out_bytes);
+  DSV4_CUDA_CHECK(cudaMemcpy(x.p, host_x.data(), host_x.size() * 2, cudaMemcpyHostToDevice));
+  const Layouts l(width, hidden, kProbeTokens, width, out_dtype);
+  auto probe = [&](const cublasLtMatmulAlgo_t& algo, std::vector<unsigned char>& rows) {
+    const float alpha = 1.0f, beta = 0.0f;
+    if (cublasLtMatmul(handle_, desc_, &alpha, w, l.a, x.p, l.b, &beta, out.p, l.d, out.p, l.d, &algo, nullptr, 0, nullptr) !=
+        CUBLAS_STATUS_SUCCESS)
+      return false;
+    rows.resize(out_bytes);
+    DSV4_CUDA_CHECK(cudaMemcpy(rows.data(), out.p, out_bytes, cudaMemcpyDeviceToHost));
+    return true;
+  };
+  std::vector<unsigned char> expected, got;
+  if (!probe(reference, expected)) throw DeviceError("cuBLASLt: the projection's algorithm failed on its probe");
+  for (Choice& c : choices_) {
+    if (std::memcmp(&c.algo, &reference, sizeof reference) == 0) continue;
+    if (probe(c.algo, got) && got == expected) ++own_;
+    else c.algo = reference;
+  }
 }
 
 Projection::~Projection() {
@@ -80,12 +136,19 @@ Projection::~Projection() {
   if (handle_) cublasLtDestroy(handle_);
 }
 
+const cublasLtMatmulAlgo_t& Projection::algo_for(std::int64_t tokens) const {
+  for (const Choice& c : choices_)
+    if (tokens <= c.up_to_tokens) return c.algo;
+  return choices_.back().algo;
+}
+
 void Projection::run(const void* x, std::int64_t tokens, const void* w, void* out, std::int64_t ld_out,
                      cudaStream_t stream) const {
   if (tokens == 0) return;
   const Layouts l(width_, hidden_, tokens, ld_out, out_dtype_);
   const float alpha = 1.0f, beta = 0.0f;
-  check(cublasLtMatmul(handle_, desc_, &alpha, w, l.a, x, l.b, &beta, out, l.d, out, l.d, &algo_, nullptr, 0, stream),
+  check(cublasLtMatmul(handle_, desc_, &alpha, w, l.a, x, l.b, &beta, out, l.d, out, l.d, &algo_for(tokens), nullptr, 0,
+                       stream),
         "matmul");
 }
 

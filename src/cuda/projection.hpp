@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <vector>
 
 #include "dsv4/types.hpp"
 
@@ -13,10 +14,13 @@ namespace dsv4::cuda {
 
 class Projection {
  public:
-  // Picks one algorithm for every token count: SPEC section 3 wants a token's row to have
-  // the same bits whatever else shares the call, so the choice may not depend on the count,
-  // and algorithms that split the K dimension (whose sums depend on the split) are excluded.
-  Projection(int device, std::int64_t width, std::int64_t hidden, DType out_dtype);
+  // Picks an algorithm per range of token counts (cuBLASLt's heuristic at the range's top,
+  // 8 to 4096 tokens in powers of two), among algorithms that do not split the K dimension.
+  // SPEC section 3 wants a token's row to have the same bits whatever else shares the call,
+  // so every algorithm taken must compute the same bits as the one for 256 tokens: checked
+  // here on a probe through the weights `w` (bf16 [width, hidden] on `device`); one that
+  // differs is replaced by it.
+  Projection(int device, const void* w, std::int64_t width, std::int64_t hidden, DType out_dtype);
   ~Projection();
   Projection(const Projection&) = delete;
   Projection& operator=(const Projection&) = delete;
@@ -25,12 +29,24 @@ class Projection {
   void run(const void* x, std::int64_t tokens, const void* w, void* out, std::int64_t ld_out,
            cudaStream_t stream) const;
 
+  // Token-count ranges and how many took an algorithm of their own (the rest took the one
+  // for 256 tokens): for benchmarks and tests.
+  int ranges() const { return static_cast<int>(choices_.size()); }
+  int ranges_with_own_algorithm() const { return own_; }
+
  private:
+  struct Choice {
+    std::int64_t up_to_tokens;  // this choice serves counts up to here (the last: every count)
+    cublasLtMatmulAlgo_t algo;
+  };
+  const cublasLtMatmulAlgo_t& algo_for(std::int64_t tokens) const;
+
   std::int64_t width_, hidden_;
   DType out_dtype_;
   cublasLtHandle_t handle_ = nullptr;
   cublasLtMatmulDesc_t desc_ = nullptr;
-  cublasLtMatmulAlgo_t algo_{};
+  std::vector<Choice> choices_;  // ascending up_to_tokens
+  int own_ = 0;
 };
 
 }  // namespace dsv4::cuda
