@@ -16,6 +16,15 @@ void add_bench_command(CLI::App& app, std::string command_line) {
   cmd->add_option("--device", args->device, "auto (the GPU when there is one), cpu or cuda");
   cmd->add_option("--filter", args->filter, "Only rows whose label contains this, e.g. 'flash HCA decode B=64'");
   cmd->callback([args] { bench::run(*args); });
+
+  auto sweep = std::make_shared<bench::SweepOptions>();
+  sweep->command = args->command;
+  CLI::App* proj = app.add_subcommand(
+      "bench-projection", "Time every cuBLASLt algorithm the projection could take, at every token count (CUDA)");
+  proj->add_flag("--quick", sweep->quick, "Flash shapes with bf16 output only, fewer token counts");
+  proj->add_option("--json", sweep->json, "Write every figure to this JSON file");
+  proj->add_option("--filter", sweep->filter, "Only shapes whose label contains this, e.g. 'flash CSA layer bf16'");
+  proj->callback([sweep] { bench::run_projection_sweep(*sweep); });
 }
 
 }  // namespace dsv4::app

@@ -84,7 +84,46 @@ void print_model_level(const Report& r);
 void write_json(const Report& r, const std::string& path);
 void write_svg(const Report& r, const std::string& path);
 void progress(int done, int total, const std::string& what);
+std::string now_utc();
+std::string commit_id();  // $DSV4_COMMIT, else the commit the build was configured at
 // The label --filter matches against, e.g. "flash CSA main decode B=64".
 std::string row_label(const std::string& model, Kind kind, const Scenario& s);
+
+// `dsv4-compressor bench-projection`: the cuBLASLt algorithms the projection could use, each
+// timed at every token count from decode to prefill (CUDA graph replays, weights rotated
+// through 3x L2), with the rules that pick one algorithm for all counts (heuristic at a
+// reference token count, workspace allowed or not, split-K allowed or not) and whether a
+// token's row has the same bits at every count (SPEC section 3 needs that of the rule taken).
+struct SweepOptions {
+  bool quick = false;   // Flash shapes, bf16 output only
+  std::string json;
+  std::string filter;   // only shapes whose "model kind dtype" label contains this
+  std::string command;
+};
+struct SweepCandidate {
+  std::string config;                  // tile, split-K, reduction scheme, stages, ...
+  std::vector<double> us;              // per token count; NaN where the algorithm cannot run
+  std::vector<double> workspace_mib;   // needed per token count
+  bool row_invariant = true;           // the first rows' bits the same at every count
+  int same_bits_as = -1;               // the first candidate whose rows have the same bits
+  std::vector<unsigned char> first_rows;  // the rows compared (not written to JSON)
+};
+struct SweepRule {
+  std::string label;
+  int candidate = -1;  // index into candidates; -1 where the rule finds nothing
+};
+struct SweepShape {
+  std::string label;  // "flash CSA layer bf16"
+  std::int64_t width = 0, hidden = 0;
+  std::vector<SweepCandidate> candidates;
+  std::vector<SweepRule> rules;
+};
+struct SweepReport {
+  std::string device, commit, date, command;
+  std::vector<std::int64_t> tokens;
+  std::vector<SweepShape> shapes;
+};
+SweepReport run_projection_sweep(const SweepOptions& options);
+void write_sweep_json(const SweepReport& r, const std::string& path);
 
 }  // namespace dsv4::bench

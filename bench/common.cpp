@@ -117,8 +117,6 @@ void progress(int done, int total, const std::string& what) {
   std::fflush(stderr);
 }
 
-namespace {
-
 std::string now_utc() {
   const std::time_t t = std::time(nullptr);
   char buf[32];
@@ -134,8 +132,6 @@ std::string commit_id() {
   return "unknown";
 #endif
 }
-
-}  // namespace
 
 Report run(const Options& o) {
   if (o.device != "auto" && o.device != "cpu" && o.device != "cuda")

@@ -11,6 +11,7 @@
 #include <memory>
 
 #include "bench/bench.hpp"
+#include "bench/gpu_common.hpp"
 #include "core/internal.hpp"
 #include "core/random_inputs.hpp"
 #include "cuda/cuda_check.hpp"
@@ -18,10 +19,6 @@
 namespace dsv4::bench {
 
 namespace {
-
-void lt(cublasStatus_t s, const char* what) {
-  if (s != CUBLAS_STATUS_SUCCESS) throw DeviceError(std::string("cuBLASLt ") + what + ": status " + std::to_string(int(s)));
-}
 
 // What an engine calls without this project: cuBLASLt's best algorithm for the exact shape,
 // with a workspace. out[T, width] = x[T, hidden] @ w[width, hidden]^T.
@@ -83,61 +80,6 @@ void cast(const void* in, void* out, std::int64_t n, cudaStream_t s) {
 __global__ void copy_kernel(const int4* in, int4* out, std::int64_t n) {
   for (std::int64_t i = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; i < n; i += std::int64_t{gridDim.x} * blockDim.x)
     out[i] = in[i];
-}
-
-// Random (never zero) bf16 values in [-1, 1) from a hash of the index.
-__global__ void fill_random_bf16(std::uint16_t* p, std::int64_t n, std::uint32_t seed) {
-  for (std::int64_t i = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; i < n; i += std::int64_t{gridDim.x} * blockDim.x) {
-    std::uint32_t h = static_cast<std::uint32_t>(i) * 2654435761u ^ seed;
-    h ^= h >> 15;
-    h *= 2246822519u;
-    h ^= h >> 13;
-    const float v = (static_cast<float>(h & 0xffffff) / 16777216.0f) * 2.0f - 1.0f;
-    p[i] = static_cast<std::uint16_t>(__float_as_uint(v) >> 16);
-  }
-}
-
-void random_fill(void* p, std::int64_t n, std::uint32_t seed) {
-  fill_random_bf16<<<1024, 256>>>(static_cast<std::uint16_t*>(p), n, seed);
-  DSV4_CUDA_CHECK(cudaGetLastError());
-}
-
-// Median microseconds per step: steps k = 0..copies-1 captured in one graph, replayed.
-double time_steps(cudaStream_t stream, int copies, int reps, const std::function<void(int)>& step) {
-  cudaGraph_t graph;
-  cudaGraphExec_t exec;
-  DSV4_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-  for (int k = 0; k < copies; ++k) step(k);
-  DSV4_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
-  DSV4_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-  cudaEvent_t a, b;
-  DSV4_CUDA_CHECK(cudaEventCreate(&a));
-  DSV4_CUDA_CHECK(cudaEventCreate(&b));
-  // Warm up, then size the replay count to about 2 ms a measurement.
-  for (int i = 0; i < 3; ++i) DSV4_CUDA_CHECK(cudaGraphLaunch(exec, stream));
-  DSV4_CUDA_CHECK(cudaEventRecord(a, stream));
-  DSV4_CUDA_CHECK(cudaGraphLaunch(exec, stream));
-  DSV4_CUDA_CHECK(cudaEventRecord(b, stream));
-  DSV4_CUDA_CHECK(cudaEventSynchronize(b));
-  float one_ms = 0;
-  DSV4_CUDA_CHECK(cudaEventElapsedTime(&one_ms, a, b));
-  const int launches = std::clamp(static_cast<int>(2.0f / std::max(one_ms, 1e-3f)), 2, 400);
-  std::vector<double> per_step;
-  for (int r = 0; r < reps; ++r) {
-    DSV4_CUDA_CHECK(cudaEventRecord(a, stream));
-    for (int i = 0; i < launches; ++i) DSV4_CUDA_CHECK(cudaGraphLaunch(exec, stream));
-    DSV4_CUDA_CHECK(cudaEventRecord(b, stream));
-    DSV4_CUDA_CHECK(cudaEventSynchronize(b));
-    float ms = 0;
-    DSV4_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
-    per_step.push_back(1000.0 * ms / (launches * copies));
-  }
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  cudaGraphExecDestroy(exec);
-  cudaGraphDestroy(graph);
-  std::sort(per_step.begin(), per_step.end());
-  return per_step[per_step.size() / 2];
 }
 
 Ceilings measure_ceilings(cudaStream_t stream, cublasLtHandle_t h, void* ws, std::size_t ws_bytes) {

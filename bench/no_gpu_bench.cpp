@@ -7,4 +7,8 @@ Report run_gpu(const Options&, const std::vector<std::string>&, const std::vecto
   throw Error("--device cuda: this build has no CUDA backend");
 }
 
+SweepReport run_projection_sweep(const SweepOptions&) {
+  throw Error("bench-projection: this build has no CUDA backend");
+}
+
 }  // namespace dsv4::bench

@@ -187,4 +187,32 @@ void write_svg(const Report& r, const std::string& path) {
   out << s.str();
 }
 
+void write_sweep_json(const SweepReport& r, const std::string& path) {
+  nlohmann::ordered_json j;
+  j["device"] = r.device;
+  j["commit"] = r.commit;
+  j["date"] = r.date;
+  j["command"] = r.command;
+  j["tokens"] = r.tokens;
+  j["shapes"] = nlohmann::ordered_json::array();
+  auto number = [](double v) { return std::isfinite(v) ? nlohmann::ordered_json(v) : nlohmann::ordered_json(nullptr); };
+  for (const SweepShape& s : r.shapes) {
+    nlohmann::ordered_json js = {{"label", s.label}, {"width", s.width}, {"hidden", s.hidden}};
+    js["rules"] = nlohmann::ordered_json::array();
+    for (const SweepRule& rule : s.rules) js["rules"].push_back({{"rule", rule.label}, {"candidate", rule.candidate}});
+    js["candidates"] = nlohmann::ordered_json::array();
+    for (const SweepCandidate& c : s.candidates) {
+      nlohmann::ordered_json jc = {{"config", c.config}, {"row_invariant", c.row_invariant}, {"same_bits_as", c.same_bits_as}};
+      jc["us"] = nlohmann::ordered_json::array();
+      for (double v : c.us) jc["us"].push_back(number(v));
+      jc["workspace_mib"] = c.workspace_mib;
+      js["candidates"].push_back(jc);
+    }
+    j["shapes"].push_back(js);
+  }
+  std::ofstream f(path);
+  if (!f) throw Error("--json: cannot write '" + path + "'");
+  f << j.dump(1) << "\n";
+}
+
 }  // namespace dsv4::bench
