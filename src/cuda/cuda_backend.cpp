@@ -248,9 +248,15 @@ class CudaBackend final : public Backend {
     // us, Pro 40.3 against 43.2; docs/perf/h100-2026-11-24e.json) but lost at 32 tokens when
     // no window completes (Flash 22.7 against 18.6, Pro 35.9 against 30.6;
     // docs/perf/h100-2026-11-24h.json), and 9-31 tokens are not measured, so the limit stays
-    // at 8 for groups too. Ratio 128 with stored rows stays unfused (below).
+    // at 8 for groups too. Since the projection takes an algorithm per range of token counts
+    // (docs/perf/h100-2026-11-24j.json), a ratio-4 step that completes no window runs faster
+    // unfused (GEMM, then update_state): Pro CSA layer decode-partial B=1 19.9 against 22.4
+    // us fused, B=8 20.9 against 23.7; Flash even (14.3 / 14.2, 15.2 / 15.3); with a window
+    // the fused step still wins (Flash CSA layer B=8 18.9 against 27.1, Pro 26.5 against
+    // 32.7). Ratio 128 with stored rows stays unfused (below).
     if (options_.fused_decode == FusedDecode::automatic &&
-        (plan.num_tokens() > kFusedAutoMaxTokens || (!spec_.overlap() && options_.window_state != WindowState::running)))
+        (plan.num_tokens() > kFusedAutoMaxTokens || (!spec_.overlap() && options_.window_state != WindowState::running) ||
+         (spec_.overlap() && plan.num_entries() == 0)))
       return false;
     if (!cuda::fused_shape_supported(static_cast<int>(spec_.head_dim), spec_.hidden))
       return false;
