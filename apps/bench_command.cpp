@@ -22,6 +22,7 @@ void add_bench_command(CLI::App& app, std::string command_line) {
   CLI::App* proj = app.add_subcommand(
       "bench-projection", "Time every cuBLASLt algorithm the projection could take, at every token count (CUDA)");
   proj->add_flag("--quick", sweep->quick, "Flash shapes with bf16 output only, fewer token counts");
+  proj->add_flag("--library-only", sweep->library_only, "Time only the library's own projection");
   proj->add_option("--json", sweep->json, "Write every figure to this JSON file");
   proj->add_option("--filter", sweep->filter, "Only shapes whose label contains this, e.g. 'flash CSA layer bf16'");
   proj->callback([sweep] { bench::run_projection_sweep(*sweep); });

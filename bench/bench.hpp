@@ -96,6 +96,7 @@ std::string row_label(const std::string& model, Kind kind, const Scenario& s);
 // token's row has the same bits at every count (SPEC section 3 needs that of the rule taken).
 struct SweepOptions {
   bool quick = false;   // Flash shapes, bf16 output only
+  bool library_only = false;  // time only the library's projection, no other candidate
   std::string json;
   std::string filter;   // only shapes whose "model kind dtype" label contains this
   std::string command;

@@ -96,7 +96,7 @@ struct RuleSpec {
 constexpr std::int64_t kOneAlgorithmTokens = 256;
 
 SweepShape sweep_shape(cublasLtHandle_t h, cudaStream_t stream, const ShapeSpec& s, DType out,
-                       const std::vector<std::int64_t>& counts, int reps, std::size_t l2_bytes) {
+                       const std::vector<std::int64_t>& counts, int reps, std::size_t l2_bytes, bool library_only) {
   SweepShape r;
   r.label = s.model + " " + s.kind + " " + (out == DType::f32 ? "f32" : "bf16");
   r.width = s.width;
@@ -113,6 +113,7 @@ SweepShape sweep_shape(cublasLtHandle_t h, cudaStream_t stream, const ShapeSpec&
   for (std::int64_t ref : {8, 32, 64, 128, 256, 4096})
     for (std::size_t ws : {std::size_t{0}, std::size_t{32u << 20}})
       for (bool split : {false, true}) rules.push_back({ref, ws, split});
+  if (library_only) rules.clear();
   for (const RuleSpec& rule : rules) {
     const Layouts l(s.width, s.hidden, rule.ref_tokens, out);
     cublasLtMatmulPreference_t pref = nullptr;
@@ -266,7 +267,7 @@ SweepReport run_projection_sweep(const SweepOptions& o) {
   report.date = now_utc();
   report.command = o.command;
   report.tokens = o.quick ? std::vector<std::int64_t>{1, 8, 64, 256, 4096}
-                          : std::vector<std::int64_t>{1, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384};
+                          : std::vector<std::int64_t>{1, 8, 16, 32, 64, 128, 256, 512, 1024, 1132, 1536, 2500, 4096, 16384};
   cudaStream_t stream;
   DSV4_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   cublasLtHandle_t h;
@@ -290,7 +291,8 @@ SweepReport run_projection_sweep(const SweepOptions& o) {
       if (o.quick && out == DType::f32) continue;
       const std::string label = s.model + " " + s.kind + " " + (out == DType::f32 ? "f32" : "bf16");
       if (!o.filter.empty() && label.find(o.filter) == std::string::npos) continue;
-      report.shapes.push_back(sweep_shape(h, stream, s, out, report.tokens, reps, static_cast<std::size_t>(prop.l2CacheSize)));
+      report.shapes.push_back(
+          sweep_shape(h, stream, s, out, report.tokens, reps, static_cast<std::size_t>(prop.l2CacheSize), o.library_only));
       print_shape(report.shapes.back(), report.tokens);
       std::fflush(stdout);
     }

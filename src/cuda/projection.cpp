@@ -17,14 +17,12 @@ void check(cublasStatus_t s, const char* what) {
     throw DeviceError(std::string("cuBLASLt: ") + what + " failed with status " + std::to_string(static_cast<int>(s)));
 }
 
-// Each range of token counts takes cuBLASLt's choice at its top: 8, 16, ..., 4096 tokens (the
-// last also serves every larger count). Measured on an H100 (docs/PERF.md,
-// `dsv4-compressor bench-projection`): one algorithm chosen at 256 tokens for every count
-// made a Flash CSA layer's projection 13.5 us at 64 tokens and 189 us at 4096, against 10.4
-// and 109 for the heuristic's choice at each count, and every algorithm that keeps K whole
-// computed the same bits.
-constexpr std::int64_t kSmallestRange = 8;
-constexpr std::int64_t kLargestRange = 4096;
+// Each range of token counts takes cuBLASLt's choice at its top (the last also serves every
+// larger count). Measured on an H100 (docs/PERF.md, `dsv4-compressor bench-projection`): one
+// algorithm chosen at 256 tokens for every count made a Flash CSA layer's projection 13.5 us
+// at 64 tokens and 189 us at 4096, against 10.4 and 109 for the heuristic's choice at each
+// count, and every algorithm that keeps K whole computed the same bits.
+constexpr std::int64_t kRangeTops[] = {8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096};
 // The algorithm every other must agree with bit for bit (and the fallback).
 constexpr std::int64_t kReferenceTokens = 256;
 // Tokens of the probe that checks the agreement: more than a 64-row tile, not a multiple of it.
@@ -83,11 +81,12 @@ Projection::Projection(int device, const void* w, std::int64_t width, std::int64
   };
   cublasLtMatmulAlgo_t reference{};
   const bool have_reference = choose(kReferenceTokens, &reference);
-  for (std::int64_t top = kSmallestRange; top <= kLargestRange; top *= 2) {
+  for (std::int64_t top : kRangeTops) {
     cublasLtMatmulAlgo_t a = reference;  // where the heuristic offers none
     choose(top, &a);
-    choices_.push_back({top == kLargestRange ? std::numeric_limits<std::int64_t>::max() : top, a});
+    choices_.push_back({top, a});
   }
+  choices_.back().up_to_tokens = std::numeric_limits<std::int64_t>::max();
   cublasLtMatmulPreferenceDestroy(pref);
   if (!have_reference)
     throw DeviceError("cuBLASLt: no algorithm without split-K for the projection " + std::to_string(width) + " x " + std::to_string(hidden));
