@@ -21,8 +21,10 @@ void check(cublasStatus_t s, const char* what) {
 // larger count). Measured on an H100 (docs/PERF.md, `dsv4-compressor bench-projection`): one
 // algorithm chosen at 256 tokens for every count made a Flash CSA layer's projection 13.5 us
 // at 64 tokens and 189 us at 4096, against 10.4 and 109 for the heuristic's choice at each
-// count, and every algorithm that keeps K whole computed the same bits.
-constexpr std::int64_t kRangeTops[] = {8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096};
+// count, and every algorithm that keeps K whole computed the same bits. Ranges that double
+// from 64 tokens left counts just past a power of two on a poor fit (Flash CSA layer 1132
+// tokens 55.0 us, 2500 tokens 112); steps of 1.5x and 2x in turn took 42.0 and 82.0.
+constexpr std::int64_t kRangeTops[] = {8, 16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096};
 // The algorithm every other must agree with bit for bit (and the fallback).
 constexpr std::int64_t kReferenceTokens = 256;
 // Tokens of the probe that checks the agreement: more than a 64-row tile, not a multiple of it.

@@ -15,7 +15,8 @@ namespace dsv4::cuda {
 class Projection {
  public:
   // Picks an algorithm per range of token counts (cuBLASLt's heuristic at the range's top,
-  // 8 to 4096 tokens in powers of two), among algorithms that do not split the K dimension.
+  // 8 to 4096 tokens in steps of 2x, then 1.5x and 2x in turn from 64), among algorithms that
+  // do not split the K dimension.
   // SPEC section 3 wants a token's row to have the same bits whatever else shares the call,
   // so every algorithm taken must compute the same bits as the one for 256 tokens: checked
   // here on a probe through the weights `w` (bf16 [width, hidden] on `device`); one that
