@@ -14,7 +14,7 @@
 // Before the wait for the previous kernel (programmatic dependent launch) a block does what
 // reads only weights and the plan: a projection item copies its weights into shared memory
 // (paced) and prefetches the rest into L2, a pool item stages its plan values and prefetches
-// its state rows into L2, an entry item loads its inputs.
+// its state rows into L2 (the fused step only), an entry item loads its inputs.
 // Tickets are taken in order and only projection items never wait, so when any block waits,
 // every item it waits for has a running owner: no deadlock, whatever the residency.
 // The counters return to zero at the end of every launch (the last block out resets them),
@@ -755,9 +755,15 @@ __global__ void __launch_bounds__(kFusedThreads, kProject ? kBlocksPerSm : kComp
         const int m = (f.members > 1 && u >= f.m[1].first_pool_item) ? 1 : 0;
         const FusedMember& mb = f.m[m];
         const int local = u - mb.first_pool_item, rb = local / mb.groups;
-        // The plan's values and an L2 prefetch of the state before the wait, the rest after.
+        // The fused step stages the plan's values and prefetches the state into L2 before the
+        // wait, while its projection items run. The compress step waits first: before the
+        // wait its blocks share the memory system with the cuBLASLt GEMM's weight stream,
+        // which made those loads late (a timeline put the waits' return up to 4 us after the
+        // GEMM's end) and slowed the GEMM. Measured on the H100 (docs/PERF.md): Flash CSA
+        // layer decode B=64 26.2 -> 22.8 us, B=256 44.1 -> 37.6, Pro B=64 33.2 -> 28.8.
+        if constexpr (!kProject) wait_once();
         Group g = stage_plan(f, mb, local % mb.groups, raw);
-        prefetch_pool_state(mb, g, rb);
+        if constexpr (kProject) prefetch_pool_state(mb, g, rb);
         // The kStash instance (steps of at most 8 tokens whose items all have a block) pools
         // from a stash gathered while the projection runs (stash_pool_inputs).
         char* stash = raw + pool_stash_offset(f, mb.group_requests);
