@@ -293,7 +293,9 @@ class CudaBackend final : public Backend {
   // loses at every batch (Flash CSA main decode B=64 24.8 against 23.9 us, B=256 42.0 against
   // 26.2), where a CSA layer's group wins (below); ratio 128 with running state wins from 64
   // tokens (Flash HCA B=64 19.7 against 20.1, B=256 27.8 against 35.8) and loses at 32 (18.7
-  // against 17.3).
+  // against 17.3). Re-measured once the compress step waited before staging (docs/PERF.md,
+  // seventh pass): HCA at 32 even; CSA main wins at 64-128 tokens and loses at 256, the
+  // indexer the other way round; left as it was until a rule by width and batch is measured.
   bool compress_step_alone(const detail::PlanData& plan) const {
     if (!compress_step_supported(plan)) return false;
     if (options_.compress_launch == CompressLaunch::single) return true;
