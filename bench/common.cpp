@@ -20,6 +20,7 @@ const char* variant_key(Variant v) {
     case Variant::best: return "d_best";
     case Variant::fused: return "e_fused_forced";
     case Variant::per_stage: return "f_unfused_per_stage";
+    case Variant::reach: return "g_reach";
   }
   return "?";
 }
@@ -32,6 +33,7 @@ const char* variant_label(Variant v) {
     case Variant::best: return "(d) dsv4 (HCA: running state)";
     case Variant::fused: return "(e) dsv4, fused step forced";
     case Variant::per_stage: return "(f) dsv4 unfused, per-stage kernels";
+    case Variant::reach: return "(g) reach: the step's bytes and data flow only";
   }
   return "?";
 }

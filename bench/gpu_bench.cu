@@ -12,6 +12,7 @@
 
 #include "bench/bench.hpp"
 #include "bench/gpu_common.hpp"
+#include "bench/reach_probe.hpp"
 #include "core/internal.hpp"
 #include "core/random_inputs.hpp"
 #include "cuda/cuda_check.hpp"
@@ -152,6 +153,7 @@ Report run_gpu(const Options& o, const std::vector<std::string>& models, const s
   const std::size_t ws_bytes = 32u << 20;
   Buffer workspace(Device::cuda(0), ws_bytes);
   report.ceilings = measure_ceilings(stream, lt_handle, workspace.data(), ws_bytes);
+  const ReachProbe probe;
   const int reps = o.quick ? 3 : 7;
 
   const Kind kinds[] = {Kind::csa_main, Kind::csa_indexer, Kind::csa_layer, Kind::hca};
@@ -170,11 +172,14 @@ Report run_gpu(const Options& o, const std::vector<std::string>& models, const s
         row.model = model_name;
         row.kind = kind;
         row.scenario = sc;
-        std::int64_t weight_bytes = 0;
+        std::int64_t weight_bytes = 0, x_bytes = 0, entry_bytes = 0;  // of the floor's bytes
         for (CompressorKind ck : members(kind)) {
           const CompressorSpec spec = CompressorSpec::preset(model, ck);
+          const std::int64_t entries_before = row.entries;
           count_work(row, spec, DType::f32, &row.bytes, &row.flops, &row.tokens, &row.entries);
           weight_bytes += spec.projection_width() * spec.hidden * 2;
+          x_bytes += row.tokens * spec.hidden * 2;
+          entry_bytes += (row.entries - entries_before) * spec.entry_bytes();
         }
         row.floor_us = std::max(row.bytes / (report.ceilings.copy_gbps * 1e3), row.flops / (report.ceilings.matmul_tflops * 1e6));
         const std::int64_t tokens = row.tokens;
@@ -317,9 +322,37 @@ Report run_gpu(const Options& o, const std::vector<std::string>& models, const s
         };
         row.us[static_cast<int>(Variant::fused)] = NAN;
         row.us[static_cast<int>(Variant::per_stage)] = NAN;
+        row.us[static_cast<int>(Variant::reach)] = NAN;
         measure_library(Variant::best);
         measure_library(Variant::fused);
         measure_library(Variant::per_stage);
+
+        // (g) the reach probe, over the floor's bytes: the weights of each copy, x and the
+        // state (half read after the wait, half written with the entries).
+        if (tokens <= kReachMaxTokens) {
+          const auto state_bytes = static_cast<std::int64_t>(row.bytes) - weight_bytes - x_bytes - entry_bytes;
+          const std::int64_t x_once = tokens * hidden * 2;
+          auto round16 = [](std::int64_t b) { return (std::max<std::int64_t>(b, 0) + 15) / 16 * 16; };
+          // What the floor counts beyond one read of x (a CSA layer's second member's read of x,
+          // the state read) comes from a scratch buffer.
+          const std::int64_t more_in = round16(x_bytes - x_once + state_bytes / 2);
+          const std::int64_t out_bytes = round16(entry_bytes + state_bytes - state_bytes / 2);
+          Buffer probe_in(Device::cuda(0), static_cast<std::size_t>(std::max<std::int64_t>(more_in, 16)));
+          Buffer probe_out(Device::cuda(0), static_cast<std::size_t>(std::max<std::int64_t>(out_bytes, 16)));
+          DSV4_CUDA_CHECK(cudaMemset(probe_in.data(), 0, probe_in.size()));
+          std::vector<ReachStep> steps(static_cast<std::size_t>(copies));
+          for (int k = 0; k < copies; ++k) {
+            ReachStep& st = steps[static_cast<std::size_t>(k)];
+            for (std::size_t j = 0; j < ms.size(); ++j)
+              st.weights[j] = {ms[j].best[k]->backend().projection_weights(), ms[j].spec.projection_width() * hidden * 2};
+            st.inputs[0] = {x.data(), x_once};
+            st.inputs[1] = {probe_in.data(), more_in};
+            st.outputs = probe_out.data();
+            st.output_bytes = out_bytes;
+          }
+          row.us[static_cast<int>(Variant::reach)] =
+              time_steps(stream, copies, reps, [&](int k) { probe.run(steps[static_cast<std::size_t>(k)], stream); });
+        }
         report.rows.push_back(row);
       }
     }

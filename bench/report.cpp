@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <iterator>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -54,16 +55,18 @@ void print_table(const Report& r) {
               r.gpu ? "bf16 matmul" : "projection kernel", r.ceilings.matmul_tflops);
   std::printf("times in us per step (median); floor = max(bytes / copy bandwidth, flops / matmul rate)\n\n");
   std::printf("%-6s %-12s %-20s %7s %9s", "model", "kind", "step", "tokens", "floor");
-  const char* heads[] = {"(a) cast", "(b) bf16", "(c) f32", "(d) best", "(e) fused", "(f) stages"};
+  const char* heads[] = {"(a) cast", "(b) bf16", "(c) f32", "(d) best", "(e) fused", "(f) stages", "(g) reach"};
+  static_assert(std::size(heads) == kVariants);
   for (int v = 0; v < kVariants; ++v) std::printf(" %9s", heads[v]);
-  std::printf(" %8s %7s\n", "d/floor", "a/d");
+  std::printf(" %8s %8s %7s\n", "d/floor", "g/floor", "a/d");
   for (const Row& row : r.rows) {
     std::printf("%-6s %-12s %-20s %7lld %9s", row.model.c_str(), kind_label(row.kind), scenario_text(row.scenario).c_str(),
                 static_cast<long long>(row.tokens), us_text(row.floor_us).c_str());
     for (int v = 0; v < kVariants; ++v) std::printf(" %9s", us_text(row.us[v]).c_str());
-    const double d = row.us[3], a = row.us[0];
-    std::printf(" %8s %7s\n", std::isfinite(d) ? (us_text(d / row.floor_us) + "x").c_str() : "-",
-                std::isfinite(a) && std::isfinite(d) ? (us_text(a / d) + "x").c_str() : "-");
+    const double d = row.us[static_cast<int>(Variant::best)], a = row.us[static_cast<int>(Variant::cast)];
+    const double g = row.us[static_cast<int>(Variant::reach)];
+    auto ratio = [](double num, double den) { return std::isfinite(num) && std::isfinite(den) ? us_text(num / den) + "x" : "-"; };
+    std::printf(" %8s %8s %7s\n", ratio(d, row.floor_us).c_str(), ratio(g, row.floor_us).c_str(), ratio(a, d).c_str());
   }
 }
 
@@ -135,7 +138,8 @@ void write_svg(const Report& r, const std::string& path) {
   if (models.empty()) throw Error("--svg: nothing was measured");
   const std::string model = models[0];
   const Kind kinds[] = {Kind::csa_main, Kind::csa_indexer, Kind::csa_layer, Kind::hca};
-  const char* colors[] = {"#d62728", "#ff7f0e", "#9467bd", "#1f77b4", "#2ca02c", "#8c564b"};
+  const char* colors[] = {"#d62728", "#ff7f0e", "#9467bd", "#1f77b4", "#2ca02c", "#8c564b", "#7f7f7f"};
+  static_assert(std::size(colors) == kVariants);
   const int pw = 300, ph = 240, ml = 50, mt = 50, gap = 40;
   std::ostringstream s;
   s << "<svg xmlns='http://www.w3.org/2000/svg' width='" << ml + 4 * (pw + gap) << "' height='" << mt + ph + 90
@@ -176,11 +180,13 @@ void write_svg(const Report& r, const std::string& path) {
     s << "<polyline fill='none' stroke='black' stroke-dasharray='5,4' points='" << pts.str() << "'/>\n";
   }
   const int ly = mt + ph + 55;
-  for (int v = 0; v < kVariants; ++v)
-    s << "<rect x='" << ml + v * 215 << "' y='" << ly - 9 << "' width='14' height='4' fill='" << colors[v] << "'/><text x='"
-      << ml + v * 215 + 20 << "' y='" << ly - 4 << "'>" << variant_label(static_cast<Variant>(v)) << "</text>\n";
-  s << "<line x1='" << ml << "' y1='" << ly + 12 << "' x2='" << ml + 14 << "' y2='" << ly + 12
-    << "' stroke='black' stroke-dasharray='5,4'/><text x='" << ml + 20 << "' y='" << ly + 16
+  for (int v = 0; v < kVariants; ++v) {  // two lines of legend
+    const int lx = ml + (v % 4) * 340, lyv = ly + (v / 4) * 16 - 8;
+    s << "<rect x='" << lx << "' y='" << lyv - 9 << "' width='14' height='4' fill='" << colors[v] << "'/><text x='"
+      << lx + 20 << "' y='" << lyv - 4 << "'>" << variant_label(static_cast<Variant>(v)) << "</text>\n";
+  }
+  s << "<line x1='" << ml << "' y1='" << ly + 20 << "' x2='" << ml + 14 << "' y2='" << ly + 20
+    << "' stroke='black' stroke-dasharray='5,4'/><text x='" << ml + 20 << "' y='" << ly + 24
     << "'>floor: max(bytes / copy bandwidth, flops / matmul rate)</text>\n</svg>\n";
   std::ofstream out(path);
   if (!out) throw Error("--svg: cannot write '" + path + "'");
