@@ -4,6 +4,7 @@
 #pragma once
 
 #include <array>
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -53,6 +54,9 @@ struct Row {
 struct Ceilings {
   double copy_gbps = 0;      // device-to-device copy, bytes read + written per second / 1e9
   double matmul_tflops = 0;  // large bf16 GEMM
+  // GPU: the reach probe moving no bytes (its launch, wait, exchange and completion): the
+  // least any step with the compressor's data flow takes as one kernel in a stream.
+  double empty_step_us = NAN;
 };
 
 struct Report {

@@ -155,6 +155,7 @@ Report run_gpu(const Options& o, const std::vector<std::string>& models, const s
   report.ceilings = measure_ceilings(stream, lt_handle, workspace.data(), ws_bytes);
   const ReachProbe probe;
   const int reps = o.quick ? 3 : 7;
+  report.ceilings.empty_step_us = time_steps(stream, 16, reps, [&](int) { probe.run(ReachStep{}, stream); });
 
   const Kind kinds[] = {Kind::csa_main, Kind::csa_indexer, Kind::csa_layer, Kind::hca};
   const int total = static_cast<int>(models.size() * scenarios.size() * 4);

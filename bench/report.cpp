@@ -53,6 +53,9 @@ void print_table(const Report& r) {
               r.commit.c_str(), r.date.c_str());
   std::printf("measured ceilings: copy %.0f GB/s (read + write), %s %.1f TFLOP/s\n", r.ceilings.copy_gbps,
               r.gpu ? "bf16 matmul" : "projection kernel", r.ceilings.matmul_tflops);
+  if (std::isfinite(r.ceilings.empty_step_us))
+    std::printf("least step: %.1f us (the reach probe (g) moving no bytes: launch, wait, one exchange, completion)\n",
+                r.ceilings.empty_step_us);
   std::printf("times in us per step (median); floor = max(bytes / copy bandwidth, flops / matmul rate)\n\n");
   std::printf("%-6s %-12s %-20s %7s %9s", "model", "kind", "step", "tokens", "floor");
   const char* heads[] = {"(a) cast", "(b) bf16", "(c) f32", "(d) best", "(e) fused", "(f) stages", "(g) reach"};
@@ -99,6 +102,7 @@ void write_json(const Report& r, const std::string& path) {
   j["date"] = r.date;
   j["command"] = r.command;
   j["ceilings"] = {{"copy_gbps", r.ceilings.copy_gbps}, {"matmul_tflops", r.ceilings.matmul_tflops}};
+  if (std::isfinite(r.ceilings.empty_step_us)) j["ceilings"]["empty_step_us"] = r.ceilings.empty_step_us;
   j["variants"] = nlohmann::ordered_json::object();
   for (int v = 0; v < kVariants; ++v) j["variants"][variant_key(static_cast<Variant>(v))] = variant_label(static_cast<Variant>(v));
   j["rows"] = nlohmann::ordered_json::array();
