@@ -14,6 +14,10 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kInFlight = 8;     // 16-byte loads a thread has in flight: 32 KB a block
 constexpr int kBlocksPerSm = 2;  // 64 KB in flight an SM, more than HBM's latency needs
+// The kernel is built for twice that many blocks an SM (64 registers a thread), so that the
+// next step's blocks fit beside this step's and stream their weights during its tail. Built
+// for two (88 registers), they did not, and the probe measured the least step plus the
+// weights' stream instead of their overlap (H100: Flash HCA decode B=1 8.1 us).
 
 struct ProbeParams {
   ReachStep step;
@@ -42,7 +46,7 @@ __device__ unsigned read_share(const ByteRange& r, std::uint64_t policy) {
   return acc.x ^ acc.y ^ acc.z ^ acc.w;
 }
 
-__global__ void __launch_bounds__(kThreads, kBlocksPerSm) reach_step_kernel(const __grid_constant__ ProbeParams pp) {
+__global__ void __launch_bounds__(kThreads, 2 * kBlocksPerSm) reach_step_kernel(const __grid_constant__ ProbeParams pp) {
   const ReachStep& s = pp.step;
   // Nothing this kernel writes is read before the next one waits: it may start now and
   // stream its own weights during this one's tail.
