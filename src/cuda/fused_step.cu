@@ -892,12 +892,14 @@ std::size_t fused_partial_floats(const FusedStep& f) {
 int fused_prepare_launch(FusedStep& f, int device) {
   // Pool items: a row block's channels for a group of requests. Pooling is bound by the
   // latency of its instructions, so the batch is cut into as many groups as the grid has
-  // blocks for (at most 32 or 16 requests a group, at least one), and no more: a pool item
-  // left for a second wave delays every entry of its member by a whole item. Where the
-  // entries are fewer than half the grid, the groups leave them a block each too.
+  // blocks for beside the projection items (at most 32 or 16 requests a group, at least
+  // one), and no more: a pool item left for a second wave delays every entry of its member
+  // by a whole item, and starts only when its block's projection item ends. Where the
+  // entries are fewer than half those blocks, the groups leave them a block each too.
   int sms = 0;
   DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const int target_items = (f.projected ? kCompressBlocksPerSm : kBlocksPerSm) * sms;
+  const int projection_items = f.projected ? 0 : f.row_blocks * kFusedSlices;
+  const int target_items = std::max(1, (f.projected ? kCompressBlocksPerSm : kBlocksPerSm) * sms - projection_items);
   const int pool_target = f.entries < target_items / 2 ? target_items - f.entries : target_items;
   const int most_groups = std::max(1, pool_target / std::max(1, f.row_blocks));
   f.pool_items = 0;
@@ -918,7 +920,6 @@ int fused_prepare_launch(FusedStep& f, int device) {
   const int fit = (72 * 1024 / ((ks + kXPad) * 2)) / 8 * 8;
   // The compress step projects nothing: the one-tile instance, with nothing staged.
   f.tokens_per_pass = f.projected ? 8 : std::max(8, std::min({kMaxTiles * 8, f.tokens_cap, fit}));
-  const int projection_items = f.projected ? 0 : f.row_blocks * kFusedSlices;
   // Pool items gather their state ahead of the slices where every item has a block from the
   // start (fused_step_kernel's kStash). Judged against three blocks per SM, which the
   // staged-weights budget below keeps; were the grid smaller, the stash stays correct and
