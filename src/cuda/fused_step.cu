@@ -278,6 +278,10 @@ __host__ __device__ constexpr std::size_t pool_stash_offset(const FusedStep& f, 
   return (pool_vals_bytes(f.vals_rows) + pool_group_bytes(group_requests, f.tokens_cap) + 15) / 16 * 16;
 }
 constexpr std::size_t kStashRequestBytes = kStashBacks * 4 * 16 * 4;  // >= 3 x 32 x 4
+// The stash's copies took about 11 us for groups of 8 requests (Flash CSA layer decode B=8,
+// timeline on the H100), against about 1 us for groups of 1 and 2: larger groups pool from
+// global memory (after an L2 prefetch) instead.
+constexpr int kStashMostRequests = 2;
 constexpr std::size_t kStashBytes = 8 * kStashRequestBytes + 8 * 16 * 4;
 
 // Ratio 4 (every CSA preset): the pooled value of channel d of window w, the 8 slots in closed
@@ -921,11 +925,13 @@ int fused_prepare_launch(FusedStep& f, int device) {
   // The compress step projects nothing: the one-tile instance, with nothing staged.
   f.tokens_per_pass = f.projected ? 8 : std::max(8, std::min({kMaxTiles * 8, f.tokens_cap, fit}));
   // Pool items gather their state ahead of the slices where every item has a block from the
-  // start (fused_step_kernel's kStash). Judged against three blocks per SM, which the
-  // staged-weights budget below keeps; were the grid smaller, the stash stays correct and
-  // only its timing advantage is lost.
+  // start (fused_step_kernel's kStash) and a group holds at most kStashMostRequests requests.
+  // Judged against three blocks per SM, which the staged-weights budget below keeps; were
+  // the grid smaller, the stash stays correct and only its timing advantage is lost.
   const int items = projection_items + f.pool_items + f.entries;
-  f.stash = !f.projected && f.tokens_per_pass <= 8 && items <= kBlocksPerSm * sms;
+  int largest_group = 0;
+  for (int k = 0; k < f.members; ++k) largest_group = std::max(largest_group, f.m[k].group_requests);
+  f.stash = !f.projected && f.tokens_per_pass <= 8 && items <= kBlocksPerSm * sms && largest_group <= kStashMostRequests;
   // As many k blocks of each projection item's weights in shared memory as leave room for
   // three blocks per SM: all of them for Flash steps of up to 8 tokens, 15 of 28 for Pro.
   int sm_bytes = 0, reserved = 0, optin = 0;
