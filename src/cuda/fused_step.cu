@@ -896,14 +896,19 @@ std::size_t fused_partial_floats(const FusedStep& f) {
 int fused_prepare_launch(FusedStep& f, int device) {
   // Pool items: a row block's channels for a group of requests. Pooling is bound by the
   // latency of its instructions, so the batch is cut into as many groups as the grid has
-  // blocks for beside the projection items (at most 32 or 16 requests a group, at least
-  // one), and no more: a pool item left for a second wave delays every entry of its member
-  // by a whole item, and starts only when its block's projection item ends. Where the
+  // blocks for (at most 32 or 16 requests a group, at least one), and no more: a pool item
+  // left for a second wave delays every entry of its member by a whole item. In a step of
+  // one projection pass (at most 8 tokens) those are the blocks beside the projection
+  // items: a pool item taken after one starts only when it ends (Flash CSA layer decode
+  // B=8 19.0 -> 15.5 us on the H100). With several passes the projection items end late
+  // anyway, and groups sized to the whole grid (its blocks taken again after the
+  // projection) measured faster (forced fused step, B=32 27.9 against 32.7 us). Where the
   // entries are fewer than half those blocks, the groups leave them a block each too.
   int sms = 0;
   DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   const int projection_items = f.projected ? 0 : f.row_blocks * kFusedSlices;
-  const int target_items = std::max(1, (f.projected ? kCompressBlocksPerSm : kBlocksPerSm) * sms - projection_items);
+  const int beside_projection = f.tokens_cap <= 8 ? projection_items : 0;
+  const int target_items = std::max(1, (f.projected ? kCompressBlocksPerSm : kBlocksPerSm) * sms - beside_projection);
   const int pool_target = f.entries < target_items / 2 ? target_items - f.entries : target_items;
   const int most_groups = std::max(1, pool_target / std::max(1, f.row_blocks));
   f.pool_items = 0;
