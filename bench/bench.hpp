@@ -20,8 +20,9 @@ namespace dsv4::bench {
 // (f) the library's unfused path with three kernels per compressor after the projection
 // (FusedDecode::off, CompressLaunch::per_stage), for steps of at most 256 tokens, where (d)
 // fuses or runs its compress step.
-// (g) reach: not the compressor; the least a step of at most 256 tokens can take as one
-// kernel with the compressor's data flow (reach_probe.hpp), for d / g and g / floor.
+// (g) reach: not the compressor; a step of at most 256 tokens as one kernel that moves its
+// bytes with the compressor's data flow and computes nothing (reach_probe.hpp), for d / g
+// and g / floor.
 enum class Variant { cast, bf16_direct, f32_gemm, best, fused, per_stage, reach };
 constexpr int kVariants = 7;
 const char* variant_key(Variant v);

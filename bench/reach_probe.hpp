@@ -1,6 +1,6 @@
-// The bench's variant (g), "reach": the least time a decode step can take on this GPU as one
-// kernel in a stream, whatever its arithmetic. The probe moves the step's bytes (those the
-// floor counts) through the data flow that every implementation of the compressor has:
+// The bench's variant (g), "reach": what a decode step takes on this GPU as one kernel in a
+// stream when it computes nothing. The probe moves the step's bytes (those the floor
+// counts) through the data flow that every implementation of the compressor has:
 //  - the weights, which no kernel writes, read before the wait for the previous kernel (so
 //    they may stream during its tail, as the fused step's do);
 //  - after the wait, the inputs that earlier kernels wrote (x, the state);
@@ -8,9 +8,11 @@
 //    at decode sizes every SM holds a part of the weights behind each channel), then one
 //    read of what the other blocks handed over;
 //  - the stores (entries, state), which the next kernel may read once this one completes.
-// It computes nothing: everything a real step does beyond this makes it slower. Timed like
-// every variant (graph replays, weights rotated through L2), so d / g is what a step leaves
-// on the table and g / floor what the dependencies alone cost.
+// Everything a real step does beyond this makes it slower; a schedule of the bytes other
+// than this one might not (docs/PERF.md). Timed like every variant (graph replays, weights
+// rotated through L2), so d / g is what a step leaves on the table and g / floor what the
+// dependencies cost with this schedule. Moving no bytes, it measures the least step:
+// launch, wait, one exchange, completion.
 #pragma once
 
 #include <cuda_runtime.h>
