@@ -1,0 +1,79 @@
+// The `dsv4-compressor bench` contract on the CPU backend (the README's main job): the table,
+// the JSON every result in docs/PERF.md is read from, and the SVG, with every variant named;
+// variants that need a GPU are null rather than zero. A bad option is one line and no file.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "support/files.hpp"
+
+namespace dsv4 {
+namespace {
+
+struct Result {
+  int code;
+  std::string out, err;
+};
+
+Result bench(const test::TempDir& dir, const std::string& args) {
+  const std::string out = dir.file("stdout.txt"), err = dir.file("stderr.txt");
+  const std::string cmd = std::string(DSV4_CLI) + " bench " + args + " >" + out + " 2>" + err;
+  const int status = std::system(cmd.c_str());
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : 128, test::read_bytes(out), test::read_bytes(err)};
+}
+
+TEST(BenchCli, CpuRunWritesEveryVariantTableJsonAndSvg) {
+  const test::TempDir dir;
+  const std::string json = dir.file("b.json"), svg = dir.file("b.svg");
+  const Result r = bench(dir, "--quick --device cpu --filter 'flash CSA main decode B=' --json " + json + " --svg " + svg);
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.out.find("(g) reach"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("g/floor"), std::string::npos) << r.out;
+
+  const auto j = nlohmann::json::parse(test::read_bytes(json));
+  EXPECT_EQ(j.at("backend"), "cpu");
+  EXPECT_GT(j.at("ceilings").at("copy_gbps").get<double>(), 0.0);
+  EXPECT_FALSE(j.at("ceilings").contains("empty_step_us")) << "the least step is measured on a GPU only";
+  const std::vector<std::string> keys = {"a_bf16_gemm_cast_f32_compress", "b_bf16_gemm_direct", "c_f32_gemm", "d_best",
+                                         "e_fused_forced", "f_unfused_per_stage", "g_reach"};
+  ASSERT_EQ(j.at("variants").size(), keys.size());
+  for (const std::string& k : keys) EXPECT_TRUE(j.at("variants").contains(k)) << k;
+
+  const auto& rows = j.at("rows");
+  ASSERT_FALSE(rows.empty());
+  for (const auto& row : rows) {
+    EXPECT_EQ(row.at("model"), "flash");
+    EXPECT_EQ(row.at("kind"), "CSA main");
+    EXPECT_EQ(row.at("scenario"), "decode");
+    const double floor = row.at("floor_us").get<double>(), best = row.at("d_best_us").get<double>();
+    EXPECT_TRUE(std::isfinite(floor) && floor > 0) << row.dump();
+    EXPECT_TRUE(std::isfinite(best) && best > 0) << row.dump();
+    for (const std::string& k : keys) {
+      if (k == "d_best") continue;
+      EXPECT_TRUE(row.at(k + "_us").is_null()) << k << " measured without a GPU: " << row.dump();
+    }
+  }
+
+  const std::string picture = test::read_bytes(svg);
+  EXPECT_EQ(picture.rfind("<svg", 0), 0u);
+  EXPECT_NE(picture.find("(g) reach"), std::string::npos);
+}
+
+TEST(BenchCli, BadDeviceIsOneLineAndWritesNothing) {
+  const test::TempDir dir;
+  const std::string json = dir.file("b.json");
+  const Result r = bench(dir, "--device gpu0 --json " + json);
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.err.find("--device: expected auto, cpu or cuda, got 'gpu0'"), std::string::npos) << r.err;
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  EXPECT_FALSE(std::filesystem::exists(json));
+}
+
+}  // namespace
+}  // namespace dsv4
