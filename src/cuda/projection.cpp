@@ -3,9 +3,11 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <random>
 #include <string>
 #include <vector>
 
+#include "core/random_inputs.hpp"
 #include "cuda/cuda_check.hpp"
 
 namespace dsv4::cuda {
@@ -29,6 +31,8 @@ constexpr std::int64_t kRangeTops[] = {8, 16, 32, 64, 96, 128, 192, 256, 384, 51
 constexpr std::int64_t kReferenceTokens = 256;
 // Tokens of the probe that checks the agreement: more than a 64-row tile, not a multiple of it.
 constexpr std::int64_t kProbeTokens = 72;
+// Its x: random, but the same for every projection built (a fixed seed).
+constexpr std::uint64_t kProbeSeed = 72;
 
 cudaDataType_t cuda_type(DType d) { return d == DType::f32 ? CUDA_R_32F : CUDA_R_16BF; }
 
@@ -94,17 +98,8 @@ Projection::Projection(int device, const void* w, std::int64_t width, std::int64
     throw DeviceError("cuBLASLt: no algorithm without split-K for the projection " + std::to_string(width) + " x " + std::to_string(hidden));
 
   // The probe: the same x through the reference and through every other algorithm taken.
-  std::vector<std::uint16_t> host_x(static_cast<std::size_t>(kProbeTokens * hidden));
-  for (std::size_t i = 0; i < host_x.size(); ++i) {  // bf16 in [-1, 1) from a hash of the index
-    std::uint32_t h = static_cast<std::uint32_t>(i) * 2654435761u;
-    h ^= h >> 15;
-    h *= 2246822519u;
-    h ^= h >> 13;
-    const float v = static_cast<float>(h & 0xffffff) / 16777216.0f * 2.0f - 1.0f;
-    std::uint32_t bits = 0;
-    std::memcpy(&bits, &v, 4);
-    host_x[i] = static_cast<std::uint16_t>(bits >> 16);
-  }
+  std::mt19937_64 rng(kProbeSeed);
+  const std::vector<std::uint16_t> host_x = random_x(kProbeTokens, hidden, rng);
   const std::size_t out_bytes = static_cast<std::size_t>(kProbeTokens * width) * (out_dtype == DType::f32 ? 4 : 2);
   struct DeviceBuffer {
     void* p = nullptr;
