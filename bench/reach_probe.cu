@@ -81,27 +81,33 @@ __global__ void __launch_bounds__(kThreads, 2 * kBlocksPerSm) reach_step_kernel(
     out[i] = make_uint4(acc, static_cast<unsigned>(i), acc, acc);
 }
 
-}  // namespace
-
-ReachProbe::ReachProbe() {
+// One wave on the current device: the exchange needs every block resident.
+int one_wave_blocks() {
   int device = 0, sms = 0, per_sm = 0;
   DSV4_CUDA_CHECK(cudaGetDevice(&device));
   DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   DSV4_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, reach_step_kernel, kThreads, 0));
-  blocks_ = sms * std::clamp(per_sm, 1, kBlocksPerSm);  // one wave: the exchange needs every block resident
-  DSV4_CUDA_CHECK(cudaMalloc(&handoff_, static_cast<std::size_t>(blocks_) * kThreads * sizeof(unsigned)));
-  DSV4_CUDA_CHECK(cudaMalloc(&barrier_, 2 * sizeof(unsigned)));
-  DSV4_CUDA_CHECK(cudaMemset(barrier_, 0, 2 * sizeof(unsigned)));
+  return sms * std::clamp(per_sm, 1, kBlocksPerSm);
 }
 
-ReachProbe::~ReachProbe() {
-  cudaFree(handoff_);
-  cudaFree(barrier_);
+Device current_device() {
+  int device = 0;
+  DSV4_CUDA_CHECK(cudaGetDevice(&device));
+  return Device::cuda(device);
+}
+
+}  // namespace
+
+ReachProbe::ReachProbe()
+    : blocks_(one_wave_blocks()),
+      handoff_(current_device(), static_cast<std::size_t>(blocks_) * kThreads * sizeof(unsigned)),
+      barrier_(current_device(), 2 * sizeof(unsigned)) {
+  barrier_.fill(0);
 }
 
 void ReachProbe::run(const ReachStep& step, cudaStream_t stream) const {
   cuda::launch_kernel(reach_step_kernel, dim3(static_cast<unsigned>(blocks_)), dim3(kThreads), 0, stream, true,
-                      ProbeParams{step, handoff_, barrier_});
+                      ProbeParams{step, static_cast<unsigned*>(handoff_.data()), static_cast<unsigned*>(barrier_.data())});
 }
 
 }  // namespace dsv4::bench

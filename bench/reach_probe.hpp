@@ -19,6 +19,8 @@
 
 #include <cstdint>
 
+#include "dsv4/compressor.hpp"
+
 namespace dsv4::bench {
 
 // Steps the probe is measured for: the decode-shaped ones (the fused path's limit).
@@ -39,16 +41,13 @@ struct ReachStep {
 class ReachProbe {
  public:
   ReachProbe();  // on the current device: one wave of blocks and the exchange's buffers
-  ~ReachProbe();
-  ReachProbe(const ReachProbe&) = delete;
-  ReachProbe& operator=(const ReachProbe&) = delete;
   // Launches one step (a programmatic dependent launch, as the library's kernels are).
   void run(const ReachStep& step, cudaStream_t stream) const;
 
  private:
-  int blocks_ = 0;
-  unsigned* handoff_ = nullptr;  // [blocks][threads]
-  unsigned* barrier_ = nullptr;  // arrivals, generation
+  int blocks_;
+  Buffer handoff_;  // unsigned [blocks][threads]
+  Buffer barrier_;  // unsigned arrivals, generation
 };
 
 }  // namespace dsv4::bench

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "core/random_inputs.hpp"
+#include "dsv4/compressor.hpp"
 #include "cuda/cuda_check.hpp"
 
 namespace dsv4::cuda {
@@ -101,21 +102,16 @@ Projection::Projection(int device, const void* w, std::int64_t width, std::int64
   std::mt19937_64 rng(kProbeSeed);
   const std::vector<std::uint16_t> host_x = random_x(kProbeTokens, hidden, rng);
   const std::size_t out_bytes = static_cast<std::size_t>(kProbeTokens * width) * (out_dtype == DType::f32 ? 4 : 2);
-  struct DeviceBuffer {
-    void* p = nullptr;
-    explicit DeviceBuffer(std::size_t bytes) { DSV4_CUDA_CHECK(cudaMalloc(&p, bytes)); }
-    ~DeviceBuffer() { cudaFree(p); }
-  };
-  const DeviceBuffer x(host_x.size() * 2), out(out_bytes);
-  DSV4_CUDA_CHECK(cudaMemcpy(x.p, host_x.data(), host_x.size() * 2, cudaMemcpyHostToDevice));
+  Buffer x(Device::cuda(device), host_x.size() * 2), out(Device::cuda(device), out_bytes);
+  x.upload(host_x.data(), host_x.size() * 2);
   const Layouts l(width, hidden, kProbeTokens, width, out_dtype);
   auto probe = [&](const cublasLtMatmulAlgo_t& algo, std::vector<unsigned char>& rows) {
     const float alpha = 1.0f, beta = 0.0f;
-    if (cublasLtMatmul(handle_, desc_, &alpha, w, l.a, x.p, l.b, &beta, out.p, l.d, out.p, l.d, &algo, nullptr, 0, nullptr) !=
+    if (cublasLtMatmul(handle_, desc_, &alpha, w, l.a, x.data(), l.b, &beta, out.data(), l.d, out.data(), l.d, &algo, nullptr, 0, nullptr) !=
         CUBLAS_STATUS_SUCCESS)
       return false;
     rows.resize(out_bytes);
-    DSV4_CUDA_CHECK(cudaMemcpy(rows.data(), out.p, out_bytes, cudaMemcpyDeviceToHost));
+    out.download(rows.data(), out_bytes);
     return true;
   };
   std::vector<unsigned char> expected, got;
