@@ -26,6 +26,13 @@ void add_bench_command(CLI::App& app, std::string command_line) {
   proj->add_option("--json", sweep->json, "Write every figure to this JSON file");
   proj->add_option("--filter", sweep->filter, "Only shapes whose label contains this, e.g. 'flash CSA layer bf16'");
   proj->callback([sweep] { bench::run_projection_sweep(*sweep); });
+
+  auto multiply = std::make_shared<bench::MultiplyOptions>();
+  multiply->command = args->command;
+  CLI::App* mul = app.add_subcommand(
+      "bench-multiply", "Time one fused-step projection item's multiply alone, per instruction sequence (CUDA)");
+  mul->add_option("--json", multiply->json, "Write every figure to this JSON file");
+  mul->callback([multiply] { bench::run_multiply_probe(*multiply); });
 }
 
 }  // namespace dsv4::app

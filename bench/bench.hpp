@@ -134,4 +134,29 @@ struct SweepReport {
 SweepReport run_projection_sweep(const SweepOptions& options);
 void write_sweep_json(const SweepReport& r, const std::string& path);
 
+// `dsv4-compressor bench-multiply`: one fused-step projection item's multiply alone (64 weight
+// rows x 512 of hidden x 8, 32 or 64 tokens, operands in shared memory), timed in SM cycles
+// for the instruction sequences an item could use (multiply_probe.cu), each checked against
+// fp64 and for a token's bits not depending on the tokens beside it.
+struct MultiplyOptions {
+  std::string json;
+  std::string command;
+};
+struct MultiplyRow {
+  std::string sequence;
+  int tokens = 0;
+  int blocks_per_sm = 0;
+  double cycles_median = NAN;  // NaN where the build has no code for it on this device
+  double cycles_max = NAN;
+  double worst_error = NAN;    // |result - fp64| / sum |products|, block 0
+  bool same_bits_as_8_tokens = false;  // tokens 0-7 have the bits they have in an 8-token item
+};
+struct MultiplyReport {
+  std::string device, commit, date, command;
+  double sm_clock_mhz = 0;
+  std::vector<MultiplyRow> rows;
+};
+MultiplyReport run_multiply_probe(const MultiplyOptions& options);
+void write_multiply_json(const MultiplyReport& r, const std::string& path);
+
 }  // namespace dsv4::bench

@@ -11,4 +11,8 @@ SweepReport run_projection_sweep(const SweepOptions&) {
   throw Error("bench-projection: this build has no CUDA backend");
 }
 
+MultiplyReport run_multiply_probe(const MultiplyOptions&) {
+  throw Error("bench-multiply: this build has no CUDA backend");
+}
+
 }  // namespace dsv4::bench

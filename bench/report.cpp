@@ -225,4 +225,26 @@ void write_sweep_json(const SweepReport& r, const std::string& path) {
   f << j.dump(1) << "\n";
 }
 
+void write_multiply_json(const MultiplyReport& r, const std::string& path) {
+  nlohmann::ordered_json j;
+  j["device"] = r.device;
+  j["commit"] = r.commit;
+  j["date"] = r.date;
+  j["command"] = r.command;
+  j["sm_clock_mhz"] = r.sm_clock_mhz;
+  auto number = [](double v) { return std::isfinite(v) ? nlohmann::ordered_json(v) : nlohmann::ordered_json(nullptr); };
+  j["rows"] = nlohmann::ordered_json::array();
+  for (const MultiplyRow& row : r.rows)
+    j["rows"].push_back({{"sequence", row.sequence},
+                         {"tokens", row.tokens},
+                         {"blocks_per_sm", row.blocks_per_sm},
+                         {"cycles_median", number(row.cycles_median)},
+                         {"cycles_max", number(row.cycles_max)},
+                         {"worst_error", number(row.worst_error)},
+                         {"same_bits_as_8_tokens", row.same_bits_as_8_tokens}});
+  std::ofstream f(path);
+  if (!f) throw Error("--json: cannot write '" + path + "'");
+  f << j.dump(1) << "\n";
+}
+
 }  // namespace dsv4::bench

@@ -21,12 +21,14 @@ struct Result {
   std::string out, err;
 };
 
-Result bench(const test::TempDir& dir, const std::string& args) {
+Result cli(const test::TempDir& dir, const std::string& args) {
   const std::string out = dir.file("stdout.txt"), err = dir.file("stderr.txt");
-  const std::string cmd = std::string(DSV4_CLI) + " bench " + args + " >" + out + " 2>" + err;
+  const std::string cmd = std::string(DSV4_CLI) + " " + args + " >" + out + " 2>" + err;
   const int status = std::system(cmd.c_str());
   return {WIFEXITED(status) ? WEXITSTATUS(status) : 128, test::read_bytes(out), test::read_bytes(err)};
 }
+
+Result bench(const test::TempDir& dir, const std::string& args) { return cli(dir, "bench " + args); }
 
 TEST(BenchCli, CpuRunWritesEveryVariantTableJsonAndSvg) {
   const test::TempDir dir;
@@ -73,6 +75,35 @@ TEST(BenchCli, BadDeviceIsOneLineAndWritesNothing) {
   EXPECT_NE(r.err.find("--device: expected auto, cpu or cuda, got 'gpu0'"), std::string::npos) << r.err;
   EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
   EXPECT_FALSE(std::filesystem::exists(json));
+}
+
+// bench-multiply needs a GPU: without one it is one line and no file; with one (the device
+// machine runs this suite too) every sequence that ran agrees with fp64 and keeps a token's
+// bits whatever the tokens beside it, and the fused step's own sequence always runs.
+TEST(BenchCli, MultiplyProbeChecksItsResultsOrSaysWhyNot) {
+  const test::TempDir dir;
+  const std::string json = dir.file("m.json");
+  const Result r = cli(dir, "bench-multiply --json " + json);
+  if (r.code != 0) {
+    EXPECT_NE(r.err.find("bench-multiply: "), std::string::npos) << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+    EXPECT_FALSE(std::filesystem::exists(json));
+    return;
+  }
+  const auto j = nlohmann::json::parse(test::read_bytes(json));
+  ASSERT_EQ(j["rows"].size(), 18u);  // 3 sequences x 8, 32, 64 tokens x 1, 2 blocks per SM
+  int fused_rows = 0;
+  for (const auto& row : j["rows"]) {
+    if (row["cycles_median"].is_null()) {  // wgmma where the build or device has none
+      EXPECT_NE(row["sequence"].get<std::string>().find("wgmma"), std::string::npos) << row.dump();
+      continue;
+    }
+    EXPECT_GT(row["cycles_median"].get<double>(), 0.0) << row.dump();
+    EXPECT_LT(row["worst_error"].get<double>(), 1e-5) << row.dump();
+    EXPECT_TRUE(row["same_bits_as_8_tokens"].get<bool>()) << row.dump();
+    fused_rows += row["sequence"].get<std::string>().find("fused step") != std::string::npos;
+  }
+  EXPECT_EQ(fused_rows, 6);
 }
 
 }  // namespace
