@@ -60,8 +60,12 @@ struct Ceilings {
   double empty_step_us = NAN;
 };
 
-struct Report {
+// Where and when a benchmark ran: the header of every report and JSON file.
+struct RunInfo {
   std::string device, commit, date, command;
+};
+
+struct Report : RunInfo {
   bool gpu = false;
   Ceilings ceilings;
   std::vector<Row> rows;
@@ -126,8 +130,7 @@ struct SweepShape {
   std::vector<SweepCandidate> candidates;
   std::vector<SweepRule> rules;
 };
-struct SweepReport {
-  std::string device, commit, date, command;
+struct SweepReport : RunInfo {
   std::vector<std::int64_t> tokens;
   std::vector<SweepShape> shapes;
 };
@@ -151,8 +154,7 @@ struct MultiplyRow {
   double worst_error = NAN;    // |result - fp64| / sum |products|, block 0
   bool same_bits_as_8_tokens = false;  // tokens 0-7 have the bits they have in an 8-token item
 };
-struct MultiplyReport {
-  std::string device, commit, date, command;
+struct MultiplyReport : RunInfo {
   double sm_clock_mhz = 0;
   std::vector<MultiplyRow> rows;
 };

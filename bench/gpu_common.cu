@@ -5,6 +5,8 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench.hpp"
+#include "core/internal.hpp"
 #include "cuda/cuda_check.hpp"
 #include "dsv4/types.hpp"
 
@@ -28,6 +30,13 @@ __global__ void fill_random_bf16(std::uint16_t* p, std::int64_t n, std::uint32_t
 
 void lt(cublasStatus_t s, const char* what) {
   if (s != CUBLAS_STATUS_SUCCESS) throw DeviceError(std::string("cuBLASLt ") + what + ": status " + std::to_string(int(s)));
+}
+
+RunInfo gpu_run_info(const char* tool, const std::string& command) {
+  if (!cuda_available()) throw Error(std::string(tool) + ": no usable GPU is present");
+  cudaDeviceProp prop{};
+  DSV4_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  return RunInfo{prop.name, commit_id(), now_utc(), command};
 }
 
 void random_fill(void* p, std::int64_t n, std::uint32_t seed) {

@@ -23,7 +23,6 @@
 
 #include "bench/bench.hpp"
 #include "bench/gpu_common.hpp"
-#include "core/internal.hpp"
 #include "core/numerics.hpp"
 #include "cuda/cuda_check.hpp"
 #include "cuda/device_utils.cuh"
@@ -266,15 +265,10 @@ void run_sequence(const Inputs& in, int sms, MultiplyReport& report) {
 }  // namespace
 
 MultiplyReport run_multiply_probe(const MultiplyOptions& o) {
-  if (!cuda_available()) throw Error("bench-multiply: no usable GPU is present");
   MultiplyReport report;
-  cudaDeviceProp prop{};
-  DSV4_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
-  report.device = prop.name;
-  report.commit = commit_id();
-  report.date = now_utc();
-  report.command = o.command;
-  int clock_khz = 0;
+  static_cast<RunInfo&>(report) = gpu_run_info("bench-multiply", o.command);
+  int sms = 0, clock_khz = 0;
+  DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
   DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, 0));
   report.sm_clock_mhz = clock_khz / 1000.0;
   Inputs in{std::vector<std::uint16_t>(static_cast<std::size_t>(kRows) * kSlice),
@@ -286,9 +280,9 @@ MultiplyReport run_multiply_probe(const MultiplyOptions& o) {
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
   DSV4_CUDA_CHECK(cudaMemcpy(in.w.data(), in.dw.data(), in.w.size() * 2, cudaMemcpyDeviceToHost));
   DSV4_CUDA_CHECK(cudaMemcpy(in.x.data(), in.dx.data(), in.x.size() * 2, cudaMemcpyDeviceToHost));
-  run_sequence<Seq::one_block>(in, prop.multiProcessorCount, report);
-  run_sequence<Seq::grouped>(in, prop.multiProcessorCount, report);
-  run_sequence<Seq::wgmma>(in, prop.multiProcessorCount, report);
+  run_sequence<Seq::one_block>(in, sms, report);
+  run_sequence<Seq::grouped>(in, sms, report);
+  run_sequence<Seq::wgmma>(in, sms, report);
 
   std::printf("dsv4-compressor bench-multiply on %s, commit %s, %s\n", report.device.c_str(), report.commit.c_str(),
               report.date.c_str());

@@ -258,14 +258,10 @@ void print_shape(const SweepShape& s, const std::vector<std::int64_t>& counts) {
 }  // namespace
 
 SweepReport run_projection_sweep(const SweepOptions& o) {
-  if (!cuda_available()) throw Error("bench-projection: no usable GPU is present");
   SweepReport report;
+  static_cast<RunInfo&>(report) = gpu_run_info("bench-projection", o.command);
   cudaDeviceProp prop{};
   DSV4_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
-  report.device = prop.name;
-  report.commit = commit_id();
-  report.date = now_utc();
-  report.command = o.command;
   report.tokens = o.quick ? std::vector<std::int64_t>{1, 8, 64, 256, 4096}
                           : std::vector<std::int64_t>{1, 8, 16, 32, 64, 128, 256, 512, 1024, 1132, 1536, 2500, 4096, 16384};
   cudaStream_t stream;

@@ -94,6 +94,21 @@ void print_model_level(const Report& r) {
   }
 }
 
+namespace {
+
+// The header every benchmark's JSON starts with (bench's own puts its backend after the device).
+nlohmann::ordered_json run_info_json(const RunInfo& r) {
+  return {{"device", r.device}, {"commit", r.commit}, {"date", r.date}, {"command", r.command}};
+}
+
+void write_json_file(const nlohmann::ordered_json& j, const std::string& path) {
+  std::ofstream f(path);
+  if (!f) throw Error("--json: cannot write '" + path + "'");
+  f << j.dump(1) << "\n";
+}
+
+}  // namespace
+
 void write_json(const Report& r, const std::string& path) {
   nlohmann::ordered_json j;
   j["device"] = r.device;
@@ -198,11 +213,7 @@ void write_svg(const Report& r, const std::string& path) {
 }
 
 void write_sweep_json(const SweepReport& r, const std::string& path) {
-  nlohmann::ordered_json j;
-  j["device"] = r.device;
-  j["commit"] = r.commit;
-  j["date"] = r.date;
-  j["command"] = r.command;
+  nlohmann::ordered_json j = run_info_json(r);
   j["tokens"] = r.tokens;
   j["shapes"] = nlohmann::ordered_json::array();
   auto number = [](double v) { return std::isfinite(v) ? nlohmann::ordered_json(v) : nlohmann::ordered_json(nullptr); };
@@ -220,17 +231,11 @@ void write_sweep_json(const SweepReport& r, const std::string& path) {
     }
     j["shapes"].push_back(js);
   }
-  std::ofstream f(path);
-  if (!f) throw Error("--json: cannot write '" + path + "'");
-  f << j.dump(1) << "\n";
+  write_json_file(j, path);
 }
 
 void write_multiply_json(const MultiplyReport& r, const std::string& path) {
-  nlohmann::ordered_json j;
-  j["device"] = r.device;
-  j["commit"] = r.commit;
-  j["date"] = r.date;
-  j["command"] = r.command;
+  nlohmann::ordered_json j = run_info_json(r);
   j["sm_clock_mhz"] = r.sm_clock_mhz;
   auto number = [](double v) { return std::isfinite(v) ? nlohmann::ordered_json(v) : nlohmann::ordered_json(nullptr); };
   j["rows"] = nlohmann::ordered_json::array();
@@ -242,9 +247,7 @@ void write_multiply_json(const MultiplyReport& r, const std::string& path) {
                          {"cycles_max", number(row.cycles_max)},
                          {"worst_error", number(row.worst_error)},
                          {"same_bits_as_8_tokens", row.same_bits_as_8_tokens}});
-  std::ofstream f(path);
-  if (!f) throw Error("--json: cannot write '" + path + "'");
-  f << j.dump(1) << "\n";
+  write_json_file(j, path);
 }
 
 }  // namespace dsv4::bench
