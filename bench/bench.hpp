@@ -148,7 +148,8 @@ struct MultiplyOptions {
 struct MultiplyRow {
   std::string sequence;
   int tokens = 0;
-  int blocks_per_sm = 0;
+  int blocks_per_sm = 0;        // the grid: this many blocks per SM (at 64 tokens an SM holds
+                                // one block's shared memory, so 2 means two waves of one)
   double cycles_median = NAN;  // NaN where the build has no code for it on this device
   double cycles_max = NAN;
   double worst_error = NAN;    // |result - fp64| / sum |products|, block 0
