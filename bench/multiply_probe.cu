@@ -44,8 +44,8 @@ const char* seq_label(Seq s) {
   return "?";
 }
 
-// The fused step's staged weight layout (fused_step.cu, staged_chunk) with every k block staged.
-__device__ __forceinline__ int staged_chunk(int r, int c) { return r * 4 * kKBlocks + (c ^ ((r & 1) ? 4 : 0)); }
+// The fused step's staged weight layout with every k block staged.
+__device__ __forceinline__ int staged_chunk(int r, int c) { return dsv4::cuda::staged_chunk(kKBlocks, r, c); }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define DSV4_HAVE_WGMMA 1

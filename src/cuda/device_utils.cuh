@@ -97,6 +97,16 @@ __device__ __forceinline__ void mma_bf16_16x8x16(float (&d)[4], std::uint32_t a0
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// Where chunk c (16 bytes, k 8c..8c+7) of row r of a fused-step projection item lies in its
+// staged weights (fused_step.cu; bench-multiply times the same layout): rows of
+// 4 * staged chunks, so that a mma fragment's 8 lanes of a shared-load phase (rows g and g+1,
+// chunks t = 0..3 of one k block) hit distinct banks. With an odd number of staged k blocks a
+// row is already 64 bytes past a multiple of 128; with an even one, odd rows swap the two
+// halves of each 128 bytes.
+__device__ __forceinline__ int staged_chunk(int staged, int r, int c) {
+  return r * 4 * staged + (c ^ ((staged % 2 == 0 && (r & 1)) ? 4 : 0));
+}
+
 // An L2 cache policy (sm_80) for the loads below that take one: evict_first, for data read
 // once per launch (weights streamed through L2), so that it does not push out what a launch
 // reads again soon (its own code, state, hand-offs between blocks).

@@ -119,15 +119,6 @@ __device__ void stage_x(const FusedStep& f, int pass0, int n, int slice, std::ui
   cp_async_wait_all();
 }
 
-// Where chunk c (16 bytes, k 8c..8c+7) of item row r lies in the staged weights: rows of
-// 4 * staged chunks, so that a mma fragment's 8 lanes of a shared-load phase (rows g and g+1,
-// chunks t = 0..3 of one k block) hit distinct banks. With an odd number of staged k blocks a
-// row is already 64 bytes past a multiple of 128; with an even one, odd rows swap the two
-// halves of each 128 bytes.
-__device__ __forceinline__ int staged_chunk(int staged, int r, int c) {
-  return r * 4 * staged + (c ^ ((staged % 2 == 0 && (r & 1)) ? 4 : 0));
-}
-
 // One projection item: rows of row block `rb` of member `mb`, hidden slice `slice`, every
 // token; fp32 partial sums to out[64][tokens_cap]. In a 32-wide k block, lane (g, t) holds
 // k 8t..8t+7 of weight rows g and g+8 and of token g; the two mma instructions take k
