@@ -2,6 +2,7 @@
 # On a machine with an NVIDIA GPU: build for sm_90a, run the CPU and GPU test suites, the
 # GPU suites under compute-sanitizer (memcheck, racecheck) on reduced shapes, and the demo.
 # Logs go to $OUT (or out/). Stages: build test sanitize bench demo (default: all).
+# $DSV4_COMMIT names the tree in the log and the bench JSON (a copied tree's .git may be stale).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
@@ -14,7 +15,7 @@ log() { echo "== $*" | tee -a "$OUT/summary.txt"; }
 for stage in $stages; do
   case $stage in
     build)
-      log "build $(date -u +%FT%TZ) $(git rev-parse --short HEAD 2>/dev/null)"
+      log "build $(date -u +%FT%TZ) ${DSV4_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}"
       nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$OUT/summary.txt"
       cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DDSV4_CUDA=ON \
         -DCMAKE_CUDA_ARCHITECTURES=90a-real >"$OUT/build.log" 2>&1 &&
