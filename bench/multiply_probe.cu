@@ -26,6 +26,7 @@
 #include "core/numerics.hpp"
 #include "cuda/cuda_check.hpp"
 #include "cuda/device_utils.cuh"
+#include "cuda/wgmma.cuh"
 
 namespace dsv4::bench {
 
@@ -46,52 +47,6 @@ const char* seq_label(Seq s) {
 
 // The fused step's staged weight layout with every k block staged.
 __device__ __forceinline__ int staged_chunk(int r, int c) { return dsv4::cuda::staged_chunk(kKBlocks, r, c); }
-
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define DSV4_HAVE_WGMMA 1
-// A shared-memory matrix descriptor of the no-swizzle layout: `leading` bytes between core
-// matrices adjacent in k, `stride` bytes between those adjacent in rows.
-__device__ __forceinline__ std::uint64_t smem_descriptor(const void* p, unsigned leading, unsigned stride) {
-  const auto a = static_cast<std::uint64_t>(static_cast<unsigned>(__cvta_generic_to_shared(p)));
-  return ((a >> 4) & 0x3fff) | (static_cast<std::uint64_t>((leading >> 4) & 0x3fff) << 16) |
-         (static_cast<std::uint64_t>((stride >> 4) & 0x3fff) << 32);
-}
-
-// D (64 x N fp32, N / 2 registers a thread) += A (64 x 16) * B (16 x N), both from shared memory
-// (scale-d true: every step adds to D, which starts at zero).
-template <int N>
-__device__ __forceinline__ void wgmma_step(float (&d)[N / 2], std::uint64_t a, std::uint64_t b);
-template <>
-__device__ __forceinline__ void wgmma_step<8>(float (&d)[4], std::uint64_t a, std::uint64_t b) {
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %6, 0;\n"
-               "wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 {%0,%1,%2,%3}, %4, %5, p, 1, 1, 0, 0;\n}\n"
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-               : "l"(a), "l"(b), "r"(1));
-}
-template <>
-__device__ __forceinline__ void wgmma_step<32>(float (&d)[16], std::uint64_t a, std::uint64_t b) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
-      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, %16, %17, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
-        "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-      : "l"(a), "l"(b), "r"(1));
-}
-template <>
-__device__ __forceinline__ void wgmma_step<64>(float (&d)[32], std::uint64_t a, std::uint64_t b) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,"
-      "%28,%29,%30,%31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
-        "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
-        "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
-        "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "l"(a), "l"(b), "r"(1));
-}
-#endif
 
 // One item per block: w [64][512] and x [N][512] bf16 (global) into the sequence's layout in
 // shared memory, then the multiply, timed; out [block][64][N] fp32, cycles [block] (-1 where
@@ -117,7 +72,7 @@ __global__ void __launch_bounds__(kThreads) multiply_item_kernel(const std::uint
   // Stores by threads reach the tensor cores' reads of shared memory (the async proxy) only
   // through this fence.
 #if defined(DSV4_HAVE_WGMMA)
-  if constexpr (kSeq == Seq::wgmma) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  if constexpr (kSeq == Seq::wgmma) dsv4::cuda::fence_shared_for_wgmma();
 #endif
   __syncthreads();
   const long long t0 = clock64();
@@ -128,13 +83,14 @@ __global__ void __launch_bounds__(kThreads) multiply_item_kernel(const std::uint
     float d[N / 2];
 #pragma unroll
     for (int i = 0; i < N / 2; ++i) d[i] = 0.0f;
-    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+    dsv4::cuda::wgmma_fence();
 #pragma unroll
     for (int s = 0; s < kSlice / 16; ++s)  // k step s: core-matrix columns 2s and 2s + 1
-      wgmma_step<N>(d, smem_descriptor(a + s * 2 * kRows * 8, kRows * 16, 128),
-                    smem_descriptor(b + s * 2 * N * 8, N * 16, 128));
-    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+      dsv4::cuda::wgmma_ss<N>(d, dsv4::cuda::smem_descriptor(a + s * 2 * kRows * 8, kRows * 16, 128),
+                    dsv4::cuda::smem_descriptor(b + s * 2 * N * 8, N * 16, 128));
+    dsv4::cuda::wgmma_commit();
+    dsv4::cuda::wgmma_wait<0>();
+    dsv4::cuda::wgmma_hold(d);
 #pragma unroll
     for (int tile = 0; tile < kTiles; ++tile)
 #pragma unroll

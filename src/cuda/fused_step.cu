@@ -33,6 +33,7 @@
 #include "cuda/finish_entry.cuh"
 #include "cuda/fused_step.hpp"
 #include "cuda/launch.cuh"
+#include "cuda/wgmma.cuh"
 
 namespace dsv4::cuda {
 
@@ -79,6 +80,15 @@ constexpr int kLoadBatch = 4;  // 32-wide k blocks per register buffer: 4 KB per
 // Padding of a staged x row: 64 bytes, so that a row is 64 bytes past a multiple of 128 and
 // the 8 lanes of each phase of a 16-byte shared load (2 tokens x 4 k offsets) hit distinct banks.
 constexpr int kXPad = 32;
+// Where chunk c (16 bytes, k 8c..8c+7) of row r of the staged weights lies, in 16-byte units
+// from ws. On wgmma (f.wgmma, sm_90a): the 128-byte swizzle layout (wgmma.cuh), one 8 KiB atom
+// per 64 k (2 k blocks); on mma.sync its fragment layout (staged_chunk).
+__device__ __forceinline__ int staged_weight_unit(const FusedStep& f, int r, int c) {
+#if defined(DSV4_HAVE_WGMMA)
+  if (f.wgmma) return (c / 8) * (kFusedRowsPerBlock * 8) + sw128_unit(r, c % 8);
+#endif
+  return staged_chunk(f.staged_kblocks, r, c);
+}
 constexpr int kCounterTicket = 0, kCounterExits = 1, kCounterMemberDone = 2,
               kCounterRowBlocks = 2 + kFusedMaxMembers;
 
@@ -119,6 +129,134 @@ __device__ void stage_x(const FusedStep& f, int pass0, int n, int slice, std::ui
   cp_async_wait_all();
 }
 
+// One pass of a projection item on mma.sync (devices without wgmma): each warp its 16 rows
+// x `tiles` 8-token tiles, x staged by stage_x. Two accumulators per tile: the first mma of
+// every k block adds into one, the second into the other, and they are added at the end. Half
+// as long a chain of dependent mma (a one-token item is nothing else), the same order whatever
+// the batch.
+template <int kTiles, class Load>
+__device__ __forceinline__ void mma_sync_pass(const FusedStep& f, float* out, int pass0, int tiles,
+                                              const std::uint16_t* xs, const std::uint16_t* ws,
+                                              uint4 (&a)[kLoadBatch][2], uint4 (&b)[kLoadBatch][2], const Load& load) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int ks = f.hidden / kFusedSlices, nblocks = ks / 32, stride = ks + kXPad, staged = f.staged_kblocks;
+  float acc[kTiles][2][4] = {};
+  auto multiply_block = [&](const uint4& lo, const uint4& hi, int kb) {
+    const std::uint16_t* xk = xs + g * stride + kb * 32 + 8 * t;
+#pragma unroll
+    for (int tile = 0; tile < kTiles; ++tile) {
+      if (tile < tiles) {
+        const uint4 x = *reinterpret_cast<const uint4*>(xk + tile * 8 * stride);
+        mma_bf16_16x8x16(acc[tile][0], lo.x, hi.x, lo.y, hi.y, x.x, x.y);
+        mma_bf16_16x8x16(acc[tile][1], lo.z, hi.z, lo.w, hi.w, x.z, x.w);
+      }
+    }
+  };
+  auto multiply = [&](const uint4 (&r)[kLoadBatch][2], int kb0) {
+#pragma unroll
+    for (int j = 0; j < kLoadBatch; ++j)
+      if (kb0 + j < nblocks) multiply_block(r[j][0], r[j][1], kb0 + j);
+  };
+#pragma unroll(kTiles == 1 ? 4 : 1)  // registers to spare only with one tile
+  for (int kb = 0; kb < staged; ++kb) {
+    const uint4 lo = *reinterpret_cast<const uint4*>(ws + 8 * staged_chunk(staged, 16 * warp + g, 4 * kb + t));
+    const uint4 hi = *reinterpret_cast<const uint4*>(ws + 8 * staged_chunk(staged, 16 * warp + g + 8, 4 * kb + t));
+    multiply_block(lo, hi, kb);
+  }
+  for (int kb0 = staged; kb0 < nblocks; kb0 += 2 * kLoadBatch) {
+    multiply(a, kb0);
+    if (kb0 + 2 * kLoadBatch < nblocks) load(a, kb0 + 2 * kLoadBatch);
+    multiply(b, kb0 + kLoadBatch);
+    if (kb0 + 3 * kLoadBatch < nblocks) load(b, kb0 + 3 * kLoadBatch);
+  }
+  DSV4_STAMP(f, mark2);
+#pragma unroll
+  for (int tile = 0; tile < kTiles; ++tile) {
+    if (tile >= tiles) continue;
+    float* o = out + static_cast<std::int64_t>(16 * warp + g) * f.tokens_cap + pass0 + tile * 8 + 2 * t;
+    const float* u = acc[tile][0];
+    const float* v = acc[tile][1];
+    *reinterpret_cast<float2*>(o) = make_float2(u[0] + v[0], u[1] + v[1]);
+    *reinterpret_cast<float2*>(o + 8 * f.tokens_cap) = make_float2(u[2] + v[2], u[3] + v[3]);
+  }
+}
+
+#if defined(DSV4_HAVE_WGMMA)
+// sm_90a: x[tokens [pass0, pass0 + n), slice] as wgmma's B operand, `width` tokens (n rounded up
+// to 8; the rest zero), k in its natural order, in the 128-byte swizzle layout: one atom of
+// width x 128 bytes per 64 k. Eight threads copy a token's 128 bytes of an atom.
+__device__ void stage_x_wgmma(const FusedStep& f, int pass0, int n, int width, int slice, std::uint16_t* xs) {
+  const int ks = f.hidden / kFusedSlices, chunks = ks / 8, atoms = (chunks + 7) / 8;
+  const std::uint16_t* src = f.x + static_cast<std::int64_t>(pass0) * f.hidden + slice * ks;
+  for (int idx = threadIdx.x; idx < width * atoms * 8; idx += kFusedThreads) {
+    const int rest = idx / 8, tok = rest % width, atom = rest / width, c = 8 * atom + idx % 8;
+    if (c >= chunks) continue;  // ks a multiple of 32 but not of 64: half an atom
+    std::uint16_t* dst = xs + 8 * (atom * width * 8 + sw128_unit(tok, c % 8));
+    if (tok < n) cp_async_16(dst, src + static_cast<std::int64_t>(tok) * f.hidden + 8 * c);
+    else *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+  }
+  cp_async_wait_all();       // x, and this thread's staged weights
+  fence_shared_for_wgmma();  // the barrier after this publishes them to the tensor cores
+}
+
+// One pass of a projection item on wgmma (sm_90a): the item's 64 rows x N tokens as one
+// warpgroup tile, D in registers, k in its natural order throughout. The staged k blocks are
+// read by the tensor cores from shared memory (staged_weight_unit's layout), the others come
+// from the register buffers a and b (refilled by `load`) after quad_transpose. The k steps
+// are issued in k order into one accumulator whatever the number of staged k blocks, and a
+// token's sums do not depend on N, so the partial sums are the same for every step shape on
+// this device.
+template <int N, class Load>
+__device__ __forceinline__ void wgmma_pass(const FusedStep& f, float* out, int pass0, const std::uint16_t* xs,
+                                           const std::uint16_t* ws, uint4 (&a)[kLoadBatch][2],
+                                           uint4 (&b)[kLoadBatch][2], const Load& load) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int nblocks = f.hidden / kFusedSlices / 32, staged = f.staged_kblocks;
+  float d[N / 2];
+#pragma unroll
+  for (int i = 0; i < N / 2; ++i) d[i] = 0.0f;
+  // k step s (k 16s..16s+15): atom s / 4 of the weights and of x, 32 (s % 4) bytes into the row.
+  auto x_step = [&](int s) { return sw128_descriptor(xs + (s / 4) * N * 64 + (s % 4) * 16); };
+  wgmma_fence();
+  for (int s = 0; s < 2 * staged; ++s)
+    wgmma_ss<N>(d, sw128_descriptor(ws + (s / 4) * kFusedRowsPerBlock * 64 + (s % 4) * 16), x_step(s));
+  wgmma_commit();
+  // A register buffer's k blocks [kb0, end) as one group, waited for before the buffer is
+  // loaded again.
+  auto issue = [&](uint4 (&r)[kLoadBatch][2], int kb0, int end) {
+#pragma unroll
+    for (int j = 0; j < kLoadBatch; ++j)
+      if (kb0 + j < end) quad_transpose(r[j][0]), quad_transpose(r[j][1]);
+    wgmma_fence();
+#pragma unroll
+    for (int j = 0; j < kLoadBatch; ++j) {
+      if (kb0 + j >= end) continue;
+      const int s = 2 * (kb0 + j);
+      wgmma_rs<N>(d, r[j][0].x, r[j][1].x, r[j][0].y, r[j][1].y, x_step(s));
+      wgmma_rs<N>(d, r[j][0].z, r[j][1].z, r[j][0].w, r[j][1].w, x_step(s + 1));
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_hold(d);
+  };
+  for (int kb0 = staged; kb0 < nblocks; kb0 += 2 * kLoadBatch) {
+    issue(a, kb0, nblocks);
+    if (kb0 + 2 * kLoadBatch < nblocks) load(a, kb0 + 2 * kLoadBatch);
+    issue(b, kb0 + kLoadBatch, nblocks);
+    if (kb0 + 3 * kLoadBatch < nblocks) load(b, kb0 + 3 * kLoadBatch);
+  }
+  wgmma_wait<0>();
+  wgmma_hold(d);
+  DSV4_STAMP(f, mark2);
+#pragma unroll
+  for (int tile = 0; tile < N / 8; ++tile) {
+    float* o = out + static_cast<std::int64_t>(16 * warp + g) * f.tokens_cap + pass0 + tile * 8 + 2 * t;
+    *reinterpret_cast<float2*>(o) = make_float2(d[4 * tile], d[4 * tile + 1]);
+    *reinterpret_cast<float2*>(o + 8 * f.tokens_cap) = make_float2(d[4 * tile + 2], d[4 * tile + 3]);
+  }
+}
+#endif
+
 // One projection item: rows of row block `rb` of member `mb`, hidden slice `slice`, every
 // token; fp32 partial sums to out[64][tokens_cap]. In a 32-wide k block, lane (g, t) holds
 // k 8t..8t+7 of weight rows g and g+8 and of token g; the two mma instructions take k
@@ -134,7 +272,7 @@ template <int kTiles>
 __device__ void project_item(const FusedStep& f, const FusedMember& mb, int rb, int slice, float* out,
                              std::uint16_t* xs, std::uint16_t* ws, bool& waited) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int ks = f.hidden / kFusedSlices, nblocks = ks / 32, stride = ks + kXPad;
+  const int ks = f.hidden / kFusedSlices, nblocks = ks / 32;
   const int staged = f.staged_kblocks;
   const std::uint16_t* item_w = mb.w + slice * ks;
   // The weights are read once a step: marked evict_first in L2, they stream through it
@@ -149,7 +287,7 @@ __device__ void project_item(const FusedStep& f, const FusedMember& mb, int rb, 
       const int chunks = 4 * (min(staged, kb0 + (paced ? kStagePace : staged)) - kb0);
       for (int idx = threadIdx.x; idx < kFusedRowsPerBlock * chunks; idx += kFusedThreads) {
         const int r = idx / chunks, c = 4 * kb0 + idx % chunks;
-        cp_async_16(ws + 8 * staged_chunk(staged, r, c),
+        cp_async_16(ws + 8 * staged_weight_unit(f, r, c),
                     item_w + static_cast<std::int64_t>(block_column(mb.c, rb, r)) * f.hidden + 8 * c, policy);
       }
       cp_async_commit();
@@ -172,26 +310,6 @@ __device__ void project_item(const FusedStep& f, const FusedMember& mb, int rb, 
       for (int j = 0; j < kLoadBatch; ++j)
         if (kb0 + j < nblocks) r[j][0] = load_once(w0 + (kb0 + j) * 32, policy), r[j][1] = load_once(w8 + (kb0 + j) * 32, policy);
     };
-    // Two accumulators per tile: the first mma of every k block adds into one, the second
-    // into the other, and they are added at the end. Half as long a chain of dependent mma
-    // (a one-token item is nothing else), the same order whatever the batch.
-    float acc[kTiles][2][4] = {};
-    auto multiply_block = [&](const uint4& lo, const uint4& hi, int kb) {
-      const std::uint16_t* xk = xs + g * stride + kb * 32 + 8 * t;
-#pragma unroll
-      for (int tile = 0; tile < kTiles; ++tile) {
-        if (tile < tiles) {
-          const uint4 x = *reinterpret_cast<const uint4*>(xk + tile * 8 * stride);
-          mma_bf16_16x8x16(acc[tile][0], lo.x, hi.x, lo.y, hi.y, x.x, x.y);
-          mma_bf16_16x8x16(acc[tile][1], lo.z, hi.z, lo.w, hi.w, x.z, x.w);
-        }
-      }
-    };
-    auto multiply = [&](const uint4 (&r)[kLoadBatch][2], int kb0) {
-#pragma unroll
-      for (int j = 0; j < kLoadBatch; ++j)
-        if (kb0 + j < nblocks) multiply_block(r[j][0], r[j][1], kb0 + j);
-    };
     // Both buffers load before the wait for the previous kernel (programmatic dependent
     // launch), as do the staged k blocks: the weights stream during that kernel's tail.
     load(a, staged);
@@ -202,31 +320,29 @@ __device__ void project_item(const FusedStep& f, const FusedMember& mb, int rb, 
       DSV4_STAMP(f, waited);
     }
     __syncthreads();  // the previous pass or item is done with xs
-    stage_x(f, pass0, n, slice, xs, stride);  // also waits for this thread's staged weights
+#if defined(DSV4_HAVE_WGMMA)
+    if (f.wgmma) {
+      stage_x_wgmma(f, pass0, n, 8 * tiles, slice, xs);
+      __syncthreads();
+      DSV4_STAMP(f, mark1);
+      if constexpr (kTiles == 1) {
+        wgmma_pass<8>(f, out, pass0, xs, ws, a, b, load);
+      } else {
+        static_assert(kTiles == 4, "a pass width for every tile count");
+        switch (tiles) {
+          case 1: wgmma_pass<8>(f, out, pass0, xs, ws, a, b, load); break;
+          case 2: wgmma_pass<16>(f, out, pass0, xs, ws, a, b, load); break;
+          case 3: wgmma_pass<24>(f, out, pass0, xs, ws, a, b, load); break;
+          default: wgmma_pass<32>(f, out, pass0, xs, ws, a, b, load); break;
+        }
+      }
+      continue;
+    }
+#endif
+    stage_x(f, pass0, n, slice, xs, ks + kXPad);  // also waits for this thread's staged weights
     __syncthreads();
     DSV4_STAMP(f, mark1);
-#pragma unroll(kTiles == 1 ? 4 : 1)  // registers to spare only with one tile
-    for (int kb = 0; kb < staged; ++kb) {
-      const uint4 lo = *reinterpret_cast<const uint4*>(ws + 8 * staged_chunk(staged, 16 * warp + g, 4 * kb + t));
-      const uint4 hi = *reinterpret_cast<const uint4*>(ws + 8 * staged_chunk(staged, 16 * warp + g + 8, 4 * kb + t));
-      multiply_block(lo, hi, kb);
-    }
-    for (int kb0 = staged; kb0 < nblocks; kb0 += 2 * kLoadBatch) {
-      multiply(a, kb0);
-      if (kb0 + 2 * kLoadBatch < nblocks) load(a, kb0 + 2 * kLoadBatch);
-      multiply(b, kb0 + kLoadBatch);
-      if (kb0 + 3 * kLoadBatch < nblocks) load(b, kb0 + 3 * kLoadBatch);
-    }
-    DSV4_STAMP(f, mark2);
-#pragma unroll
-    for (int tile = 0; tile < kTiles; ++tile) {
-      if (tile >= tiles) continue;
-      float* o = out + static_cast<std::int64_t>(16 * warp + g) * f.tokens_cap + pass0 + tile * 8 + 2 * t;
-      const float* u = acc[tile][0];
-      const float* v = acc[tile][1];
-      *reinterpret_cast<float2*>(o) = make_float2(u[0] + v[0], u[1] + v[1]);
-      *reinterpret_cast<float2*>(o + 8 * f.tokens_cap) = make_float2(u[2] + v[2], u[3] + v[3]);
-    }
+    mma_sync_pass<kTiles>(f, out, pass0, tiles, xs, ws, a, b, load);
   }
 }
 
@@ -659,11 +775,38 @@ __device__ void pool_item(const FusedStep& f, int member, int rb_global, int rb,
   DSV4_STAMP(f, mark3);
 }
 
-// Shared memory of a projection item: x of one pass, then the staged weights (128-aligned).
+// Shared memory of a projection item: x of one pass, then the staged weights. mma.sync: x rows
+// padded by kXPad, the weights 128-aligned after them, 4 KiB a k block. wgmma (f.wgmma): from
+// the first 1024-aligned byte (up to 1008 bytes in), x in 128-byte swizzle atoms of
+// tokens_per_pass rows per 64 k, then the weights in atoms of 8 KiB per 2 k blocks. With
+// f.wgmma the host sizes for the larger of the two: a build without sm_90a code runs mma.sync
+// on the same plan.
 __host__ __device__ constexpr std::size_t staged_weights_offset(const FusedStep& f) {
   if (f.projected) return 0;  // the compress step stages neither x nor weights
   const std::size_t x_bytes = static_cast<std::size_t>(f.tokens_per_pass) * (f.hidden / kFusedSlices + kXPad) * 2;
   return (x_bytes + 127) / 128 * 128;
+}
+__host__ __device__ constexpr std::size_t wgmma_x_bytes(const FusedStep& f) {
+  return static_cast<std::size_t>((f.hidden / kFusedSlices + 63) / 64) * f.tokens_per_pass * 128;
+}
+__host__ __device__ constexpr std::size_t projection_bytes(const FusedStep& f, int staged) {
+  if (f.projected) return 0;
+  const std::size_t mma_sync = staged_weights_offset(f) + static_cast<std::size_t>(staged) * 4096;
+  const std::size_t wgmma = 1024 + wgmma_x_bytes(f) + static_cast<std::size_t>((staged + 1) / 2) * 8192;
+  return f.wgmma && wgmma > mma_sync ? wgmma : mma_sync;
+}
+// Where a projection item's x (xs) and staged weights (ws) lie in the dynamic shared memory.
+__device__ __forceinline__ void projection_smem(const FusedStep& f, uint4* smem, std::uint16_t*& xs, std::uint16_t*& ws) {
+#if defined(DSV4_HAVE_WGMMA)
+  if (f.wgmma) {
+    const unsigned at = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+    xs = reinterpret_cast<std::uint16_t*>(reinterpret_cast<char*>(smem) + ((1024 - at % 1024) % 1024));
+    ws = xs + wgmma_x_bytes(f) / 2;
+    return;
+  }
+#endif
+  xs = reinterpret_cast<std::uint16_t*>(smem);
+  ws = xs + staged_weights_offset(f) / 2;
 }
 
 constexpr int kBlocksPerSm = 3;  // the kernel's registers allow three blocks per SM
@@ -703,8 +846,8 @@ __global__ void __launch_bounds__(kFusedThreads, kProject ? kBlocksPerSm : kComp
     fused_step_kernel(const __grid_constant__ FusedStep f) {
   extern __shared__ uint4 smem[];
   __shared__ int s_ticket;
-  auto* xs = reinterpret_cast<std::uint16_t*>(smem);
-  std::uint16_t* ws = xs + staged_weights_offset(f) / 2;
+  std::uint16_t *xs = nullptr, *ws = nullptr;
+  projection_smem(f, smem, xs, ws);
   auto* raw = reinterpret_cast<char*>(smem);
   unsigned* counters = f.counters;
   const int projection_items = kProject ? f.row_blocks * kFusedSlices : 0;
@@ -822,13 +965,12 @@ FusedKernel kernel_for(const FusedStep& f) {
 }
 
 std::size_t shared_bytes(const FusedStep& f) {
-  const std::size_t staged_bytes = static_cast<std::size_t>(f.staged_kblocks) * kFusedRowsPerBlock * 64;
   int group_requests = 0;
   for (int m = 0; m < f.members; ++m) group_requests = std::max(group_requests, f.m[m].group_requests);
   const std::size_t pool_bytes = f.stash ? pool_stash_offset(f, group_requests) + kStashBytes
                                         : pool_vals_bytes(f.vals_rows) + pool_group_bytes(group_requests, f.tokens_cap);
   const std::size_t finish_bytes = (kFinishMaxHeadDim + 32) * 4;
-  return std::max({staged_weights_offset(f) + staged_bytes, pool_bytes, finish_bytes});
+  return std::max({projection_bytes(f, f.staged_kblocks), pool_bytes, finish_bytes});
 }
 
 #ifdef DSV4_FUSED_TIMELINE
@@ -937,9 +1079,23 @@ int fused_prepare_launch(FusedStep& f, int device) {
   cudaFuncAttributes attributes{};
   const FusedKernel kernel = kernel_for(f);
   DSV4_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
-  const std::int64_t budget = sm_bytes / kBlocksPerSm - reserved - static_cast<std::int64_t>(attributes.sharedSizeBytes) -
-                              static_cast<std::int64_t>(staged_weights_offset(f));
-  f.staged_kblocks = f.projected ? 0 : static_cast<int>(std::clamp<std::int64_t>(budget / (kFusedRowsPerBlock * 64), 0, ks / 32));
+  const std::int64_t budget = sm_bytes / kBlocksPerSm - reserved - static_cast<std::int64_t>(attributes.sharedSizeBytes);
+  // wgmma (sm_90a) where a step of 8 tokens keeps every k block of its items in shared memory
+  // (Flash), mma.sync elsewhere: measured on the H100 (docs/PERF.md), wgmma with part of the
+  // weights fed from registers (Pro) was slower, since an async multiply holds its registers
+  // until it is done and the next loads wait for it. The choice depends on the shape and the
+  // device only, so a token's bits are the same in every step of a compressor.
+  int major = 0;
+  DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  if (!f.projected && major == 9) {
+    FusedStep one = f;
+    one.tokens_per_pass = 8;
+    one.wgmma = true;
+    f.wgmma = static_cast<std::int64_t>(projection_bytes(one, ks / 32)) <= budget;
+  }
+  f.staged_kblocks = f.projected ? 0 : ks / 32;
+  while (f.staged_kblocks > 0 && static_cast<std::int64_t>(projection_bytes(f, f.staged_kblocks)) > budget)
+    f.staged_kblocks -= f.wgmma ? 2 - f.staged_kblocks % 2 : 1;  // wgmma: 2 k blocks an atom
   // Plans of different shapes may be launched in any order: allow the most any plan may ask.
   DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        optin - static_cast<int>(attributes.sharedSizeBytes)));
