@@ -83,9 +83,10 @@ constexpr int kXPad = 32;
 // Where chunk c (16 bytes, k 8c..8c+7) of row r of the staged weights lies, in 16-byte units
 // from ws. On wgmma (f.wgmma, sm_90a): the 128-byte swizzle layout (wgmma.cuh), one 8 KiB atom
 // per 64 k (2 k blocks); on mma.sync its fragment layout (staged_chunk).
+template <bool kWgmma>
 __device__ __forceinline__ int staged_weight_unit(const FusedStep& f, int r, int c) {
 #if defined(DSV4_HAVE_WGMMA)
-  if (f.wgmma) return (c / 8) * (kFusedRowsPerBlock * 8) + sw128_unit(r, c % 8);
+  if constexpr (kWgmma) return (c / 8) * (kFusedRowsPerBlock * 8) + sw128_unit(r, c % 8);
 #endif
   return staged_chunk(f.staged_kblocks, r, c);
 }
@@ -268,7 +269,7 @@ __device__ __forceinline__ void wgmma_pass(const FusedStep& f, float* out, int p
 // register buffers (the first two loaded before the wait, the others prefetched into L2 before
 // it). The k blocks are multiplied in k order either way, so the sums do not depend on how
 // many k blocks were staged.
-template <int kTiles>
+template <int kTiles, bool kWgmma>
 __device__ void project_item(const FusedStep& f, const FusedMember& mb, int rb, int slice, float* out,
                              std::uint16_t* xs, std::uint16_t* ws, bool& waited) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -287,7 +288,7 @@ __device__ void project_item(const FusedStep& f, const FusedMember& mb, int rb, 
       const int chunks = 4 * (min(staged, kb0 + (paced ? kStagePace : staged)) - kb0);
       for (int idx = threadIdx.x; idx < kFusedRowsPerBlock * chunks; idx += kFusedThreads) {
         const int r = idx / chunks, c = 4 * kb0 + idx % chunks;
-        cp_async_16(ws + 8 * staged_weight_unit(f, r, c),
+        cp_async_16(ws + 8 * staged_weight_unit<kWgmma>(f, r, c),
                     item_w + static_cast<std::int64_t>(block_column(mb.c, rb, r)) * f.hidden + 8 * c, policy);
       }
       cp_async_commit();
@@ -321,7 +322,7 @@ __device__ void project_item(const FusedStep& f, const FusedMember& mb, int rb, 
     }
     __syncthreads();  // the previous pass or item is done with xs
 #if defined(DSV4_HAVE_WGMMA)
-    if (f.wgmma) {
+    if constexpr (kWgmma) {
       stage_x_wgmma(f, pass0, n, 8 * tiles, slice, xs);
       __syncthreads();
       DSV4_STAMP(f, mark1);
@@ -796,9 +797,10 @@ __host__ __device__ constexpr std::size_t projection_bytes(const FusedStep& f, i
   return f.wgmma && wgmma > mma_sync ? wgmma : mma_sync;
 }
 // Where a projection item's x (xs) and staged weights (ws) lie in the dynamic shared memory.
+template <bool kWgmma>
 __device__ __forceinline__ void projection_smem(const FusedStep& f, uint4* smem, std::uint16_t*& xs, std::uint16_t*& ws) {
 #if defined(DSV4_HAVE_WGMMA)
-  if (f.wgmma) {
+  if constexpr (kWgmma) {
     const unsigned at = static_cast<unsigned>(__cvta_generic_to_shared(smem));
     xs = reinterpret_cast<std::uint16_t*>(reinterpret_cast<char*>(smem) + ((1024 - at % 1024) % 1024));
     ws = xs + wgmma_x_bytes(f) / 2;
@@ -841,13 +843,16 @@ __device__ void leave_counters(const FusedStep& f) {
 // after the projection) it cost 1.5-2.7 us instead.
 // kProject: false for the compress step (f.projected): no projection items, pool items read
 // the members' kv rows.
-template <int kTiles, bool kStash, bool kProject>
+// kWgmma (f.wgmma): projection items multiply on wgmma where the build has sm_90a code (else
+// the instance runs mma.sync on the same plan). An instance of its own rather than a branch:
+// both paths in one kernel spilled and slowed every step by 1-4 us (H100).
+template <int kTiles, bool kStash, bool kProject, bool kWgmma>
 __global__ void __launch_bounds__(kFusedThreads, kProject ? kBlocksPerSm : kCompressBlocksPerSm)
     fused_step_kernel(const __grid_constant__ FusedStep f) {
   extern __shared__ uint4 smem[];
   __shared__ int s_ticket;
   std::uint16_t *xs = nullptr, *ws = nullptr;
-  projection_smem(f, smem, xs, ws);
+  projection_smem<kWgmma>(f, smem, xs, ws);
   auto* raw = reinterpret_cast<char*>(smem);
   unsigned* counters = f.counters;
   const int projection_items = kProject ? f.row_blocks * kFusedSlices : 0;
@@ -872,7 +877,7 @@ __global__ void __launch_bounds__(kFusedThreads, kProject ? kBlocksPerSm : kComp
         const FusedMember& mb = f.m[m];
         const int rb = rb_global - mb.first_row_block;
         float* out = f.partials + (static_cast<std::int64_t>(rb_global) * kFusedSlices + slice) * kFusedRowsPerBlock * f.tokens_cap;
-        project_item<kTiles>(f, mb, rb, slice, out, xs, ws, waited);
+        project_item<kTiles, kWgmma>(f, mb, rb, slice, out, xs, ws, waited);
         __syncthreads();  // every thread's partial sums are written; one release publishes them
         if (threadIdx.x == 0) add_release(&counters[kCounterRowBlocks + rb_global], 1u);
       }
@@ -959,9 +964,13 @@ __global__ void __launch_bounds__(kFusedThreads, kProject ? kBlocksPerSm : kComp
 // step has at most 8 tokens.
 using FusedKernel = void (*)(FusedStep);
 FusedKernel kernel_for(const FusedStep& f) {
-  if (f.projected) return fused_step_kernel<1, false, false>;
-  if (f.tokens_per_pass > 8) return fused_step_kernel<kMaxTiles, false, true>;
-  return f.stash ? fused_step_kernel<1, true, true> : fused_step_kernel<1, false, true>;
+  if (f.projected) return fused_step_kernel<1, false, false, false>;
+  if (f.wgmma) {
+    if (f.tokens_per_pass > 8) return fused_step_kernel<kMaxTiles, false, true, true>;
+    return f.stash ? fused_step_kernel<1, true, true, true> : fused_step_kernel<1, false, true, true>;
+  }
+  if (f.tokens_per_pass > 8) return fused_step_kernel<kMaxTiles, false, true, false>;
+  return f.stash ? fused_step_kernel<1, true, true, false> : fused_step_kernel<1, false, true, false>;
 }
 
 std::size_t shared_bytes(const FusedStep& f) {
@@ -1076,9 +1085,8 @@ int fused_prepare_launch(FusedStep& f, int device) {
   DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&sm_bytes, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
   DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, device));
   DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  cudaFuncAttributes attributes{};
-  const FusedKernel kernel = kernel_for(f);
-  DSV4_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  cudaFuncAttributes attributes{};  // static shared memory: the same in every instance
+  DSV4_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel_for(f)));
   const std::int64_t budget = sm_bytes / kBlocksPerSm - reserved - static_cast<std::int64_t>(attributes.sharedSizeBytes);
   // wgmma (sm_90a) where a step of 8 tokens keeps every k block of its items in shared memory
   // (Flash), mma.sync elsewhere: measured on the H100 (docs/PERF.md), wgmma with part of the
@@ -1093,6 +1101,7 @@ int fused_prepare_launch(FusedStep& f, int device) {
     one.wgmma = true;
     f.wgmma = static_cast<std::int64_t>(projection_bytes(one, ks / 32)) <= budget;
   }
+  const FusedKernel kernel = kernel_for(f);
   f.staged_kblocks = f.projected ? 0 : ks / 32;
   while (f.staged_kblocks > 0 && static_cast<std::int64_t>(projection_bytes(f, f.staged_kblocks)) > budget)
     f.staged_kblocks -= f.wgmma ? 2 - f.staged_kblocks % 2 : 1;  // wgmma: 2 k blocks an atom
