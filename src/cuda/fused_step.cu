@@ -268,7 +268,8 @@ __device__ __forceinline__ void wgmma_pass(const FusedStep& f, float* out, int p
 // before the wait for the previous kernel and serve every pass; the rest stream through two
 // register buffers (the first two loaded before the wait, the others prefetched into L2 before
 // it). The k blocks are multiplied in k order either way, so the sums do not depend on how
-// many k blocks were staged.
+// many k blocks were staged. That describes the mma.sync pass (mma_sync_pass); the wgmma pass
+// (wgmma_pass) takes k in its natural order, the same whatever is staged too.
 template <int kTiles, bool kWgmma>
 __device__ void project_item(const FusedStep& f, const FusedMember& mb, int rb, int slice, float* out,
                              std::uint16_t* xs, std::uint16_t* ws, bool& waited) {
@@ -961,7 +962,7 @@ __global__ void __launch_bounds__(kFusedThreads, kProject ? kBlocksPerSm : kComp
 }
 
 // The kernel instance for a step: the compress step's; else one 8-token tile per pass when the
-// step has at most 8 tokens.
+// step has at most 8 tokens, each on wgmma or mma.sync as f.wgmma says.
 using FusedKernel = void (*)(FusedStep);
 FusedKernel kernel_for(const FusedStep& f) {
   if (f.projected) return fused_step_kernel<1, false, false, false>;
