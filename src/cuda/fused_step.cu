@@ -80,6 +80,19 @@ constexpr int kLoadBatch = 4;  // 32-wide k blocks per register buffer: 4 KB per
 // Padding of a staged x row: 64 bytes, so that a row is 64 bytes past a multiple of 128 and
 // the 8 lanes of each phase of a 16-byte shared load (2 tokens x 4 k offsets) hit distinct banks.
 constexpr int kXPad = 32;
+// Steps of more than 8 tokens on wgmma (f.wgmma, the kMaxTiles instance built for sm_90a) stream
+// each projection item's weights and x through a ring of kRingSlots slots in shared memory,
+// one 64-wide k atom a slot: the atom's 64 weight rows (8 KiB), then its x for the pass's
+// tokens (128 bytes a token), both in the 128-byte swizzle layout. A pass takes up to
+// kRingMaxTokens tokens, so the weights of a step of up to 128 tokens are read once; staging
+// them whole for every pass, as steps of at most 8 tokens do, leaves no room for x.
+constexpr int kRingSlots = 4;
+constexpr int kRingMaxTokens = 128;
+// A ring pass's width: its tokens rounded up to 8 up to 32, else to 64 or 128 (one or two
+// wgmma instructions of 64 tokens side by side; the padded tokens are zero).
+__host__ __device__ constexpr int ring_width(int n) { return n <= 32 ? (n + 7) / 8 * 8 : n <= 64 ? 64 : 128; }
+// Elements of one slot, for passes of up to `width` tokens (a multiple of 1024 bytes).
+__host__ __device__ constexpr int ring_slot_elems(int width) { return (kFusedRowsPerBlock + width) * 64; }
 // Where chunk c (16 bytes, k 8c..8c+7) of row r of the staged weights lies, in 16-byte units
 // from ws. On wgmma (f.wgmma, sm_90a): the 128-byte swizzle layout (wgmma.cuh), one 8 KiB atom
 // per 64 k (2 k blocks); on mma.sync its fragment layout (staged_chunk).
@@ -256,6 +269,145 @@ __device__ __forceinline__ void wgmma_pass(const FusedStep& f, float* out, int p
     *reinterpret_cast<float2*>(o + 8 * f.tokens_cap) = make_float2(d[4 * tile + 2], d[4 * tile + 3]);
   }
 }
+
+// One pass of a ring item (project_item_ring): tokens [pass0, pass0 + n) as W = ring_width(n)
+// columns, the item's k atoms taken from the ring in order. Per k step the same wgmma as
+// wgmma_pass, in the same k order into one accumulator from zero, so a token's partial sums
+// are those a step of at most 8 tokens gives it. `refill(a)` runs once every warp is done with
+// atom a - 2 and commits one group of copies (empty when nothing is left to copy): in flight
+// while atom a multiplies are the copies of atoms a + 1 and a + 2.
+template <int W, class Refill>
+__device__ __forceinline__ void ring_pass(const FusedStep& f, float* out, int pass0, int n, int atoms, int last_steps,
+                                          const std::uint16_t* ring, int slot_elems, const Refill& refill) {
+  constexpr int kSubs = W > 64 ? W / 64 : 1, kSubW = W > 64 ? 64 : W;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  float d[kSubs][kSubW / 2];
+#pragma unroll
+  for (int u = 0; u < kSubs; ++u)
+#pragma unroll
+    for (int i = 0; i < kSubW / 2; ++i) d[u][i] = 0.0f;
+  for (int a = 0; a < atoms; ++a) {
+    // Groups committed after atom a's: the first atoms' x copies went out one group an atom
+    // after their weights' groups, and one group follows per atom (refill).
+    if (a < kRingSlots) cp_async_wait_pending<kRingSlots - 1>();
+    else cp_async_wait_pending<kRingSlots - 3>();
+    fence_shared_for_wgmma();
+    __syncthreads();  // atom a is in shared memory; every warp has waited for atom a - 2's multiply
+    refill(a);
+    const std::uint16_t* slot = ring + (a % kRingSlots) * slot_elems;
+    const int steps = a == atoms - 1 ? last_steps : 4;
+    wgmma_fence();
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      if (s >= steps) break;
+      const std::uint64_t w = sw128_descriptor(slot + 16 * s);
+#pragma unroll
+      for (int u = 0; u < kSubs; ++u)
+        wgmma_ss<kSubW>(d[u], w, sw128_descriptor(slot + kFusedRowsPerBlock * 64 + u * 64 * 64 + 16 * s));
+    }
+    wgmma_commit();
+    wgmma_wait<1>();
+#pragma unroll
+    for (int u = 0; u < kSubs; ++u) wgmma_hold(d[u]);
+  }
+  wgmma_wait<0>();
+#pragma unroll
+  for (int u = 0; u < kSubs; ++u) wgmma_hold(d[u]);
+  DSV4_STAMP(f, mark2);
+#pragma unroll
+  for (int u = 0; u < kSubs; ++u) {
+#pragma unroll
+    for (int tile = 0; tile < kSubW / 8; ++tile) {
+      const int col = u * 64 + tile * 8;
+      if (col >= n) break;
+      float* o = out + static_cast<std::int64_t>(16 * warp + g) * f.tokens_cap + pass0 + col + 2 * t;
+      *reinterpret_cast<float2*>(o) = make_float2(d[u][4 * tile], d[u][4 * tile + 1]);
+      *reinterpret_cast<float2*>(o + 8 * f.tokens_cap) = make_float2(d[u][4 * tile + 2], d[u][4 * tile + 3]);
+    }
+  }
+}
+
+// A projection item of a step of more than 8 tokens on wgmma: rows of row block `rb` of member
+// `mb`, hidden slice `slice`, every token, in passes of up to kRingMaxTokens; fp32 partial
+// sums to out[64][tokens_cap], as project_item. The weights stream through the ring (see
+// kRingSlots) atom by atom with x: the first kRingSlots atoms' weights are copied before the
+// wait for the previous kernel (paced as project_item paces its staged weights), the rest of
+// the item's weights prefetched into L2.
+__device__ void project_item_ring(const FusedStep& f, const FusedMember& mb, int rb, int slice, float* out,
+                                  std::uint16_t* ring, bool& waited) {
+  const int ks = f.hidden / kFusedSlices, atoms = (ks + 63) / 64, last_steps = (ks - 64 * (atoms - 1)) / 16;
+  const int slot_elems = ring_slot_elems(ring_width(f.tokens_per_pass));
+  const std::uint16_t* item_w = mb.w + slice * ks;
+  const std::uint64_t policy = l2_policy_evict_first();
+  // This thread copies 16-byte chunk c of weight rows r0 + 16j (and of tokens r0 + 16j): eight
+  // threads a row's 128 bytes of an atom.
+  const int c = threadIdx.x % 8, r0 = threadIdx.x / 8;
+  const std::uint16_t* w_row[kFusedRowsPerBlock / 16];
+#pragma unroll
+  for (int j = 0; j < kFusedRowsPerBlock / 16; ++j)
+    w_row[j] = item_w + static_cast<std::int64_t>(block_column(mb.c, rb, r0 + 16 * j)) * f.hidden + 8 * c;
+  auto copy_weights = [&](int a) {
+    if (8 * c >= ks - 64 * a) return;  // ks a multiple of 32 but not of 64: half an atom
+    std::uint16_t* dst = ring + (a % kRingSlots) * slot_elems;
+#pragma unroll
+    for (int j = 0; j < kFusedRowsPerBlock / 16; ++j) cp_async_16(dst + 8 * sw128_unit(r0 + 16 * j, c), w_row[j] + 64 * a, policy);
+  };
+  auto copy_x = [&](int a, int pass0, int n) {
+    if (8 * c >= ks - 64 * a) return;
+    std::uint16_t* dst = ring + (a % kRingSlots) * slot_elems + kFusedRowsPerBlock * 64;
+    const std::uint16_t* src = f.x + static_cast<std::int64_t>(pass0) * f.hidden + slice * ks + 64 * a + 8 * c;
+    for (int tok = r0; tok < n; tok += 16) cp_async_16(dst + 8 * sw128_unit(tok, c), src + static_cast<std::int64_t>(tok) * f.hidden);
+  };
+  // One group per slot whatever the number of atoms, so that ring_pass's counts hold.
+  auto copy_first_weights = [&](bool paced) {
+    for (int a = 0; a < kRingSlots; ++a) {
+      if (a < atoms) copy_weights(a);
+      cp_async_commit();
+      if (paced) cp_async_wait_pending<1>();
+    }
+  };
+  copy_first_weights(!waited);
+  if (atoms > kRingSlots && threadIdx.x < kFusedRowsPerBlock)
+    prefetch_l2(item_w + static_cast<std::int64_t>(block_column(mb.c, rb, threadIdx.x)) * f.hidden + 64 * kRingSlots,
+                static_cast<unsigned>(ks - 64 * kRingSlots) * 2u, policy);
+  for (int pass0 = 0; pass0 < f.tokens; pass0 += f.tokens_per_pass) {
+    const int n = min(f.tokens_per_pass, f.tokens - pass0), width = ring_width(n);
+    if (pass0 > 0) {
+      __syncthreads();  // every warp is done with the ring (the last pass waited for its multiply)
+      copy_first_weights(false);
+    }
+    if (!waited) {  // weights never change; x, state and counters may come from the kernel before
+      wait_for_previous_kernel();
+      waited = true;
+      DSV4_STAMP(f, waited);
+    }
+    // The pass's padded tokens are zero in every slot (the multiply reads the whole width).
+    const int pad = (width - n) * 8;
+    for (int idx = threadIdx.x; idx < kRingSlots * pad; idx += kFusedThreads) {
+      const int s = idx / pad, tok = n + idx % pad / 8;
+      *reinterpret_cast<uint4*>(ring + s * slot_elems + kFusedRowsPerBlock * 64 + 8 * sw128_unit(tok, idx % 8)) =
+          make_uint4(0, 0, 0, 0);
+    }
+    for (int a = 0; a < kRingSlots; ++a) {
+      if (a < atoms) copy_x(a, pass0, n);
+      cp_async_commit();
+    }
+    DSV4_STAMP(f, mark1);
+    auto refill = [&](int a) {
+      const int next = a - 2 + kRingSlots;  // into the slot of atom a - 2
+      if (a >= 2 && next < atoms) copy_weights(next), copy_x(next, pass0, n);
+      cp_async_commit();
+    };
+    switch (width) {
+      case 8: ring_pass<8>(f, out, pass0, n, atoms, last_steps, ring, slot_elems, refill); break;
+      case 16: ring_pass<16>(f, out, pass0, n, atoms, last_steps, ring, slot_elems, refill); break;
+      case 24: ring_pass<24>(f, out, pass0, n, atoms, last_steps, ring, slot_elems, refill); break;
+      case 32: ring_pass<32>(f, out, pass0, n, atoms, last_steps, ring, slot_elems, refill); break;
+      case 64: ring_pass<64>(f, out, pass0, n, atoms, last_steps, ring, slot_elems, refill); break;
+      default: ring_pass<128>(f, out, pass0, n, atoms, last_steps, ring, slot_elems, refill); break;
+    }
+  }
+}
 #endif
 
 // One projection item: rows of row block `rb` of member `mb`, hidden slice `slice`, every
@@ -303,8 +455,11 @@ __device__ void project_item(const FusedStep& f, const FusedMember& mb, int rb, 
   const std::int64_t row = block_column(mb.c, rb, 16 * warp) + g;
   const std::uint16_t* w0 = item_w + row * f.hidden + 8 * t;
   const std::uint16_t* w8 = w0 + 8 * static_cast<std::int64_t>(f.hidden);
-  for (int pass0 = 0; pass0 < f.tokens; pass0 += f.tokens_per_pass) {
-    const int n = min(f.tokens_per_pass, f.tokens - pass0), tiles = (n + 7) / 8;
+  // A wgmma plan's passes may be wider than mma.sync takes (project_item_ring): a build
+  // without sm_90a code runs them in passes of at most kTiles tiles.
+  const int pass_tokens = kTiles == 1 ? f.tokens_per_pass : min(f.tokens_per_pass, 8 * kTiles);
+  for (int pass0 = 0; pass0 < f.tokens; pass0 += pass_tokens) {
+    const int n = min(pass_tokens, f.tokens - pass0), tiles = (n + 7) / 8;
     // Two register buffers of kLoadBatch k blocks: one is loading while the other is used.
     uint4 a[kLoadBatch][2], b[kLoadBatch][2];
     auto load = [&](uint4 (&r)[kLoadBatch][2], int kb0) {
@@ -323,21 +478,12 @@ __device__ void project_item(const FusedStep& f, const FusedMember& mb, int rb, 
     }
     __syncthreads();  // the previous pass or item is done with xs
 #if defined(DSV4_HAVE_WGMMA)
-    if constexpr (kWgmma) {
+    if constexpr (kWgmma) {  // steps of at most 8 tokens (wider ones: project_item_ring)
+      static_assert(kTiles == 1, "wider wgmma steps take the ring");
       stage_x_wgmma(f, pass0, n, 8 * tiles, slice, xs);
       __syncthreads();
       DSV4_STAMP(f, mark1);
-      if constexpr (kTiles == 1) {
-        wgmma_pass<8>(f, out, pass0, xs, ws, a, b, load);
-      } else {
-        static_assert(kTiles == 4, "a pass width for every tile count");
-        switch (tiles) {
-          case 1: wgmma_pass<8>(f, out, pass0, xs, ws, a, b, load); break;
-          case 2: wgmma_pass<16>(f, out, pass0, xs, ws, a, b, load); break;
-          case 3: wgmma_pass<24>(f, out, pass0, xs, ws, a, b, load); break;
-          default: wgmma_pass<32>(f, out, pass0, xs, ws, a, b, load); break;
-        }
-      }
+      wgmma_pass<8>(f, out, pass0, xs, ws, a, b, load);
       continue;
     }
 #endif
@@ -778,23 +924,26 @@ __device__ void pool_item(const FusedStep& f, int member, int rb_global, int rb,
 }
 
 // Shared memory of a projection item: x of one pass, then the staged weights. mma.sync: x rows
-// padded by kXPad, the weights 128-aligned after them, 4 KiB a k block. wgmma (f.wgmma): from
-// the first 1024-aligned byte (up to 1008 bytes in), x in 128-byte swizzle atoms of
-// tokens_per_pass rows per 64 k, then the weights in atoms of 8 KiB per 2 k blocks. With
-// f.wgmma the host sizes for the larger of the two: a build without sm_90a code runs mma.sync
-// on the same plan.
+// of at most kMaxTiles tiles padded by kXPad, the weights 128-aligned after them, 4 KiB a k
+// block. wgmma (f.wgmma): from the first 1024-aligned byte (up to 1008 bytes in), in steps of
+// at most 8 tokens x in 128-byte swizzle atoms of 8 rows per 64 k, then the weights in atoms of
+// 8 KiB per 2 k blocks; in wider steps the ring (kRingSlots). With f.wgmma the host sizes for
+// the larger of the two: a build without sm_90a code runs mma.sync on the same plan.
 __host__ __device__ constexpr std::size_t staged_weights_offset(const FusedStep& f) {
   if (f.projected) return 0;  // the compress step stages neither x nor weights
-  const std::size_t x_bytes = static_cast<std::size_t>(f.tokens_per_pass) * (f.hidden / kFusedSlices + kXPad) * 2;
+  const int tokens = f.tokens_per_pass < kMaxTiles * 8 ? f.tokens_per_pass : kMaxTiles * 8;
+  const std::size_t x_bytes = static_cast<std::size_t>(tokens) * (f.hidden / kFusedSlices + kXPad) * 2;
   return (x_bytes + 127) / 128 * 128;
 }
 __host__ __device__ constexpr std::size_t wgmma_x_bytes(const FusedStep& f) {
   return static_cast<std::size_t>((f.hidden / kFusedSlices + 63) / 64) * f.tokens_per_pass * 128;
 }
+__host__ __device__ constexpr bool uses_ring(const FusedStep& f) { return f.wgmma && f.tokens_per_pass > 8; }
 __host__ __device__ constexpr std::size_t projection_bytes(const FusedStep& f, int staged) {
   if (f.projected) return 0;
   const std::size_t mma_sync = staged_weights_offset(f) + static_cast<std::size_t>(staged) * 4096;
-  const std::size_t wgmma = 1024 + wgmma_x_bytes(f) + static_cast<std::size_t>((staged + 1) / 2) * 8192;
+  const std::size_t wgmma = uses_ring(f) ? 1024 + static_cast<std::size_t>(kRingSlots) * ring_slot_elems(ring_width(f.tokens_per_pass)) * 2
+                                         : 1024 + wgmma_x_bytes(f) + static_cast<std::size_t>((staged + 1) / 2) * 8192;
   return f.wgmma && wgmma > mma_sync ? wgmma : mma_sync;
 }
 // Where a projection item's x (xs) and staged weights (ws) lie in the dynamic shared memory.
@@ -878,7 +1027,11 @@ __global__ void __launch_bounds__(kFusedThreads, kProject ? kBlocksPerSm : kComp
         const FusedMember& mb = f.m[m];
         const int rb = rb_global - mb.first_row_block;
         float* out = f.partials + (static_cast<std::int64_t>(rb_global) * kFusedSlices + slice) * kFusedRowsPerBlock * f.tokens_cap;
-        project_item<kTiles, kWgmma>(f, mb, rb, slice, out, xs, ws, waited);
+#if defined(DSV4_HAVE_WGMMA)
+        if constexpr (kWgmma && kTiles > 1) project_item_ring(f, mb, rb, slice, out, xs, waited);
+        else
+#endif
+          project_item<kTiles, kWgmma>(f, mb, rb, slice, out, xs, ws, waited);
         __syncthreads();  // every thread's partial sums are written; one release publishes them
         if (threadIdx.x == 0) add_release(&counters[kCounterRowBlocks + rb_global], 1u);
       }
@@ -962,7 +1115,8 @@ __global__ void __launch_bounds__(kFusedThreads, kProject ? kBlocksPerSm : kComp
 }
 
 // The kernel instance for a step: the compress step's; else one 8-token tile per pass when the
-// step has at most 8 tokens, each on wgmma or mma.sync as f.wgmma says.
+// step has at most 8 tokens, each on wgmma or mma.sync as f.wgmma says (wider wgmma steps: the
+// ring).
 using FusedKernel = void (*)(FusedStep);
 FusedKernel kernel_for(const FusedStep& f) {
   if (f.projected) return fused_step_kernel<1, false, false, false>;
@@ -1067,11 +1221,36 @@ int fused_prepare_launch(FusedStep& f, int device) {
     const std::int64_t span = static_cast<std::int64_t>(mb.group_requests) * mb.p.max_request_tokens + 6;
     f.vals_rows = std::max(f.vals_rows, static_cast<int>(std::min<std::int64_t>(f.tokens_cap, span)));
   }
-  // As many tokens per pass as fit 72 KiB of staged x, in 8-token tiles (32 for either model).
+  int sm_bytes = 0, reserved = 0, optin = 0;
+  DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&sm_bytes, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
+  DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, device));
+  DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  cudaFuncAttributes attributes{};  // static shared memory: the same in every instance
+  DSV4_CUDA_CHECK(cudaFuncGetAttributes(&attributes, fused_step_kernel<1, false, true, false>));
+  const std::int64_t budget = sm_bytes / kBlocksPerSm - reserved - static_cast<std::int64_t>(attributes.sharedSizeBytes);
+  // wgmma (sm_90a) where a step of 8 tokens keeps every k block of its items in shared memory
+  // (Flash), mma.sync elsewhere: measured on the H100 (docs/PERF.md), wgmma with part of the
+  // weights fed from registers (Pro) was slower, since an async multiply holds its registers
+  // until it is done and the next loads wait for it. The choice depends on the shape and the
+  // device only, so a token's bits are the same in every step of a compressor.
   const int ks = f.hidden / kFusedSlices;
+  int major = 0;
+  DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  f.wgmma = false;
+  if (!f.projected && major == 9) {
+    FusedStep one = f;
+    one.tokens_per_pass = 8;
+    one.wgmma = true;
+    f.wgmma = static_cast<std::int64_t>(projection_bytes(one, ks / 32)) <= budget;
+  }
+  // Tokens per pass. The compress step projects nothing: the one-tile instance, with nothing
+  // staged. Steps of at most 8 tokens: one tile. Wider steps on wgmma stream their weights
+  // with x through the ring, up to kRingMaxTokens a pass; on mma.sync as many tokens as fit
+  // 72 KiB of staged x, in 8-token tiles (32 for either model).
   const int fit = (72 * 1024 / ((ks + kXPad) * 2)) / 8 * 8;
-  // The compress step projects nothing: the one-tile instance, with nothing staged.
-  f.tokens_per_pass = f.projected ? 8 : std::max(8, std::min({kMaxTiles * 8, f.tokens_cap, fit}));
+  if (f.projected || f.tokens_cap <= 8) f.tokens_per_pass = 8;
+  else if (f.wgmma) f.tokens_per_pass = std::min(kRingMaxTokens, f.tokens_cap);
+  else f.tokens_per_pass = std::max(8, std::min({kMaxTiles * 8, f.tokens_cap, fit}));
   // Pool items gather their state ahead of the slices where every item has a block from the
   // start (fused_step_kernel's kStash) and a group holds at most kStashMostRequests requests.
   // Judged against three blocks per SM, which the staged-weights budget below keeps; were
@@ -1081,29 +1260,10 @@ int fused_prepare_launch(FusedStep& f, int device) {
   for (int k = 0; k < f.members; ++k) largest_group = std::max(largest_group, f.m[k].group_requests);
   f.stash = !f.projected && f.tokens_per_pass <= 8 && items <= kBlocksPerSm * sms && largest_group <= kStashMostRequests;
   // As many k blocks of each projection item's weights in shared memory as leave room for
-  // three blocks per SM: all of them for Flash steps of up to 8 tokens, 15 of 28 for Pro.
-  int sm_bytes = 0, reserved = 0, optin = 0;
-  DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&sm_bytes, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
-  DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, device));
-  DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  cudaFuncAttributes attributes{};  // static shared memory: the same in every instance
-  DSV4_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel_for(f)));
-  const std::int64_t budget = sm_bytes / kBlocksPerSm - reserved - static_cast<std::int64_t>(attributes.sharedSizeBytes);
-  // wgmma (sm_90a) where a step of 8 tokens keeps every k block of its items in shared memory
-  // (Flash), mma.sync elsewhere: measured on the H100 (docs/PERF.md), wgmma with part of the
-  // weights fed from registers (Pro) was slower, since an async multiply holds its registers
-  // until it is done and the next loads wait for it. The choice depends on the shape and the
-  // device only, so a token's bits are the same in every step of a compressor.
-  int major = 0;
-  DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  if (!f.projected && major == 9) {
-    FusedStep one = f;
-    one.tokens_per_pass = 8;
-    one.wgmma = true;
-    f.wgmma = static_cast<std::int64_t>(projection_bytes(one, ks / 32)) <= budget;
-  }
+  // three blocks per SM: all of them for Flash steps of up to 8 tokens, 15 of 28 for Pro. The
+  // ring stages none across passes (a ring of 128-token passes leaves room for two blocks).
   const FusedKernel kernel = kernel_for(f);
-  f.staged_kblocks = f.projected ? 0 : ks / 32;
+  f.staged_kblocks = f.projected || uses_ring(f) ? 0 : ks / 32;
   while (f.staged_kblocks > 0 && static_cast<std::int64_t>(projection_bytes(f, f.staged_kblocks)) > budget)
     f.staged_kblocks -= f.wgmma ? 2 - f.staged_kblocks % 2 : 1;  // wgmma: 2 k blocks an atom
   // Plans of different shapes may be launched in any order: allow the most any plan may ask.
