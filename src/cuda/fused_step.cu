@@ -293,6 +293,7 @@ __device__ __forceinline__ void ring_pass(const FusedStep& f, float* out, int pa
     else cp_async_wait_pending<kRingSlots - 3>();
     fence_shared_for_wgmma();
     __syncthreads();  // atom a is in shared memory; every warp has waited for atom a - 2's multiply
+    DSV4_STAMP(f, mark1);  // the first atom's weights and x are in shared memory
     refill(a);
     const std::uint16_t* slot = ring + (a % kRingSlots) * slot_elems;
     const int steps = a == atoms - 1 ? last_steps : 4;
@@ -392,7 +393,6 @@ __device__ void project_item_ring(const FusedStep& f, const FusedMember& mb, int
       if (a < atoms) copy_x(a, pass0, n);
       cp_async_commit();
     }
-    DSV4_STAMP(f, mark1);
     auto refill = [&](int a) {
       const int next = a - 2 + kRingSlots;  // into the slot of atom a - 2
       if (a >= 2 && next < atoms) copy_weights(next), copy_x(next, pass0, n);
