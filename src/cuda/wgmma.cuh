@@ -69,13 +69,14 @@ __device__ __forceinline__ void wgmma_hold(float (&d)[R]) {
 }
 
 // D += A * B, A (64 x 16) and B (16 x N) both from shared memory (descriptors). N = 8, 16, 24,
-// 32 (one to four 8-token tiles), and 64 (bench-multiply).
+// 32 (ring passes of up to four 8-token tiles) and 64 (wider ring passes, bench-multiply).
 template <int N>
 __device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], std::uint64_t a, std::uint64_t b);
 
 // D += A * B, A from registers: a0..a3 as mma.sync.m16n8k16's A fragment of the warp's 16 rows
 // (rows g and g + 8, k 2t, 2t + 1 in a0 / a1 and 2t + 8, 2t + 9 in a2 / a3; quad_transpose
-// makes it from 16-byte loads); B (16 x N) from shared memory. N = 8, 16, 24, 32.
+// makes it from 16-byte loads); B (16 x N) from shared memory. N = 8 (the fused step's steps of
+// at most 8 tokens, for k blocks not staged in shared memory).
 template <int N>
 __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], std::uint32_t a0, std::uint32_t a1, std::uint32_t a2,
                                          std::uint32_t a3, std::uint64_t b);
@@ -132,35 +133,6 @@ __device__ __forceinline__ void wgmma_rs<8>(float (&d)[4], std::uint32_t a0, std
   asm volatile(DSV4_WGMMA_P "wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 {%0,%1,%2,%3}, {%4,%5,%6,%7}, %8, p, 1, 1, 0;\n}\n"
                : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(b));
-}
-template <>
-__device__ __forceinline__ void wgmma_rs<16>(float (&d)[8], std::uint32_t a0, std::uint32_t a1, std::uint32_t a2,
-                                             std::uint32_t a3, std::uint64_t b) {
-  asm volatile(
-      DSV4_WGMMA_P "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7}, {%8,%9,%10,%11}, %12, p, 1, 1, "
-      "0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(b));
-}
-template <>
-__device__ __forceinline__ void wgmma_rs<24>(float (&d)[12], std::uint32_t a0, std::uint32_t a1, std::uint32_t a2,
-                                             std::uint32_t a3, std::uint64_t b) {
-  asm volatile(
-      DSV4_WGMMA_P "wgmma.mma_async.sync.aligned.m64n24k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11}, "
-      "{%12,%13,%14,%15}, %16, p, 1, 1, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
-        "+f"(d[9]), "+f"(d[10]), "+f"(d[11])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(b));
-}
-template <>
-__device__ __forceinline__ void wgmma_rs<32>(float (&d)[16], std::uint32_t a0, std::uint32_t a1, std::uint32_t a2,
-                                             std::uint32_t a3, std::uint64_t b) {
-  asm volatile(
-      DSV4_WGMMA_P "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
-      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, {%16,%17,%18,%19}, %20, p, 1, 1, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
-        "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(b));
 }
 
 // A row's 32-wide k block loaded as 16 bytes a lane (lane t of each quad: 4-byte words
