@@ -712,16 +712,20 @@ TEST(CudaSoak, ThousandsOfServingStepsMatchTheWholeSequenceFormula) {
   EXPECT_GE(steps, small() ? 100u : 2000u);
 }
 
-// NaN or Inf in one request's x stays in that request on the GPU too.
+// NaN or Inf in one request's x stays in that request on the GPU too, on the unfused path
+// (one call) and the fused one (decode steps, where a NaN pooled value passes from a pool
+// item to its entry through the pending-mark hand-off and must not be taken for the mark).
 TEST(CudaHostileValues, NanAndInfStayInTheirRequest) {
   REQUIRE_GPU();
   for (float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
-    for (CompressorKind kind : {CompressorKind::csa_main, CompressorKind::hca}) {
+    for (auto [kind, decode] : {std::pair{CompressorKind::csa_main, false}, std::pair{CompressorKind::hca, false},
+                                std::pair{CompressorKind::csa_main, true}, std::pair{CompressorKind::hca, true}}) {
       CompressorSpec spec = CompressorSpec::preset(Model::flash, kind);
-      spec.hidden = 64;
+      spec.hidden = 256;  // the fused step's smallest hidden size
       std::mt19937_64 rng(std::random_device{}());
       const RandomWeights w = random_weights(spec, rng());
-      const Compressor gpu(spec, w.view(spec), {.device = Device::cuda(0)});
+      const Compressor gpu(spec, w.view(spec),
+                           {.device = Device::cuda(0), .fused_decode = decode ? FusedDecode::always : FusedDecode::off});
       const std::int64_t n = 2 * spec.ratio + 3;
       const auto x = random_x(3 * n, spec.hidden, rng);
       auto poisoned = x;
@@ -734,8 +738,10 @@ TEST(CudaHostileValues, NanAndInfStayInTheirRequest) {
         dirty[r].x.assign(poisoned.begin() + r * n * spec.hidden, poisoned.begin() + (r + 1) * n * spec.hidden);
       }
       auto buffers = test::device_buffers(Device::cuda(0));
-      const auto a = test::serve(gpu, clean, test::whole_schedule(clean), *buffers, rng);
-      const auto b = test::serve(gpu, dirty, test::whole_schedule(dirty), *buffers, rng);
+      const auto schedule = decode ? test::decode_schedule(clean, 3) : test::whole_schedule(clean);
+      const auto a = test::serve(gpu, clean, schedule, *buffers, rng);
+      const auto b = test::serve(gpu, dirty, schedule, *buffers, rng);
+      EXPECT_EQ(a.problems, "");
       EXPECT_EQ(a.entries[0], b.entries[0]);
       EXPECT_EQ(a.entries[2], b.entries[2]);
       EXPECT_EQ(a.cache[0], b.cache[0]);

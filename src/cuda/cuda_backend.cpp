@@ -185,7 +185,11 @@ class CudaBackend final : public Backend {
     cp->view.num_entries = static_cast<int>(e);
     for (const Request& q : plan.requests)
       cp->view.max_request_tokens = std::max(cp->view.max_request_tokens, static_cast<int>(q.num_tokens));
-    cp->pooled = device_alloc(device_, static_cast<std::size_t>(std::max<std::int64_t>(plan.num_entries(), 1) * spec_.head_dim) * 4);
+    // Every slot starts as the pending mark (cuda::kPooledPending: all bits set), which each
+    // reader of a pooled value stores back.
+    const auto pooled_bytes = static_cast<std::size_t>(std::max<std::int64_t>(plan.num_entries(), 1) * spec_.head_dim) * 4;
+    cp->pooled = device_alloc(device_, pooled_bytes);
+    cuda_fill(device_, cp->pooled.get(), 0xff, pooled_bytes);
     if (own_rows && fused_wins(plan)) {
       cp->fused = make_fused_plan(device_, {fused_member(*cp, wkv_gate_.get())}, plan.num_tokens(), spec_.hidden, false);
       plan.fused = true;

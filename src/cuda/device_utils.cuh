@@ -192,6 +192,20 @@ __device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
   return v;
 }
 
+// Pooled values pass from the pool items to the entries without a counter: a slot of the
+// pooled buffer holds kPooledPending (a NaN no arithmetic here produces: pooled_for_store
+// writes NaN as 0x7fffffff) until its value is stored, and the entry that reads it stores the
+// mark back. The buffer starts as the mark (CudaBackend::prepare).
+constexpr unsigned kPooledPending = 0xffffffffu;
+__device__ __forceinline__ float pooled_for_store(float v) { return isnan(v) ? __uint_as_float(0x7fffffffu) : v; }
+
+// A value another block of this kernel may be storing: read at GPU scope each time it is called.
+__device__ __forceinline__ float load_relaxed(const float* p) {
+  float v;
+  asm volatile("ld.relaxed.gpu.global.f32 %0, [%1];\n" : "=f"(v) : "l"(p) : "memory");
+  return v;
+}
+
 inline unsigned ceil_div(std::int64_t a, std::int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
 
 }  // namespace dsv4::cuda

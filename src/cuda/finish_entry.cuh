@@ -42,19 +42,59 @@ __device__ __forceinline__ EntryInputs load_entry_inputs(const CompressorConsts&
   return in;
 }
 
-// `v` is kFinishMaxHeadDim floats and `scratch` 32 floats of shared memory. `pooled` may have
-// been written by other blocks of the same kernel, so it is read past L1.
-__device__ __forceinline__ void finish_entry(const CompressorConsts& c, const EntryInputs& in, const float* pooled,
+// An entry's pooled values, kFinishPerThread channels a thread (channel threadIdx.x + k *
+// kFinishThreads), as load_pooled hands them to finish_entry.
+struct PooledValues {
+  float v[kFinishPerThread];
+};
+
+// Reads entry e's pooled values and gives their slots back: each slot holds kPooledPending
+// again for the next step that pools into it (pooled_for_store never writes that mark). With
+// `wait`, the values come from pool items of the same kernel, and the block reads until no
+// slot it needs holds the mark: the values are the hand-off, no counter and no fence lie
+// between the stores and this read. Without, they were written by an earlier kernel.
+__device__ __forceinline__ PooledValues load_pooled(const CompressorConsts& c, float* pooled, std::int64_t e, bool wait) {
+  const int hd = c.head_dim;
+  float* row = pooled + e * hd;
+  PooledValues p;
+#pragma unroll
+  for (int k = 0; k < kFinishPerThread; ++k) {
+    const int d = threadIdx.x + k * kFinishThreads;
+    p.v[k] = d < hd ? load_relaxed(row + d) : 0.0f;
+  }
+  if (wait) {
+    for (;;) {
+      bool missing = false;
+#pragma unroll
+      for (int k = 0; k < kFinishPerThread; ++k) missing |= __float_as_uint(p.v[k]) == kPooledPending;
+      if (!__syncthreads_or(missing)) break;
+      if (!missing) continue;
+      __nanosleep(32);
+#pragma unroll
+      for (int k = 0; k < kFinishPerThread; ++k) {
+        const int d = threadIdx.x + k * kFinishThreads;
+        if (__float_as_uint(p.v[k]) == kPooledPending) p.v[k] = load_relaxed(row + d);
+      }
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < kFinishPerThread; ++k) {
+    const int d = threadIdx.x + k * kFinishThreads;
+    if (d < hd) row[d] = __uint_as_float(kPooledPending);
+  }
+  return p;
+}
+
+// `v` is kFinishMaxHeadDim floats and `scratch` 32 floats of shared memory; `pooled` comes
+// from load_pooled.
+__device__ __forceinline__ void finish_entry(const CompressorConsts& c, const EntryInputs& in, const PooledValues& pooled,
                                              std::uint8_t* cache, std::uint16_t* entries, std::int64_t e, float* v,
                                              float* scratch) {
   constexpr int kPerThread = kFinishPerThread;
   const int hd = c.head_dim;
   float acc[kPerThread];
 #pragma unroll
-  for (int k = 0; k < kPerThread; ++k) {
-    const int d = threadIdx.x + k * kFinishThreads;
-    acc[k] = d < hd ? __ldcg(pooled + e * hd + d) : 0.0f;
-  }
+  for (int k = 0; k < kPerThread; ++k) acc[k] = pooled.v[k];
   const float* weight = in.weight;
   const std::int64_t location = in.location, w = in.w;
 

@@ -9,8 +9,9 @@
 //    pooling needs (ratio 4: kv and score of both channel halves; else kv, score). Cutting the
 //    batch into groups keeps each item short, so the pooling of a large batch spreads over
 //    the whole grid instead of queueing behind one block per row block.
-//  - An entry item waits until every pool item of its compressor is done, then runs the
-//    epilogue (norm, RoPE, rotation, fp8, store) shared with finish_entries.
+//  - An entry item reads its pooled values as the pool items store them (a slot holds a
+//    pending mark until then, see kPooledPending), then runs the epilogue (norm, RoPE,
+//    rotation, fp8, store) shared with finish_entries.
 // Before the wait for the previous kernel (programmatic dependent launch) a block does what
 // reads only weights and the plan: a projection item copies its weights into shared memory
 // (paced) and prefetches the rest into L2, a pool item stages its plan values and prefetches
@@ -48,7 +49,7 @@ namespace {
 // mark1 and mark2 depend on the block's first item: projection: x and the staged weights are in
 // shared memory / the products are summed (before the stores); pool: the slices are summed
 // into shared memory (after the row-block wait) / the pooled values are written (before the
-// state update); entry: every pool item is done / (unused). mark3 (pool items): the state is
+// state update); entry: its pooled values are in hand / (unused). mark3 (pool items): the state is
 // updated.
 struct BlockStamps {
   unsigned long long start, waited, mark1, mark2, mark3, first_end, exit;
@@ -103,8 +104,7 @@ __device__ __forceinline__ int staged_weight_unit(const FusedStep& f, int r, int
 #endif
   return staged_chunk(f.staged_kblocks, r, c);
 }
-constexpr int kCounterTicket = 0, kCounterExits = 1, kCounterMemberDone = 2,
-              kCounterRowBlocks = 2 + kFusedMaxMembers;
+constexpr int kCounterTicket = 0, kCounterExits = 1, kCounterRowBlocks = 2;
 
 // Channels per row block: 4 quarters of 16 (kv and score of both halves) with overlap, else
 // 2 halves of 32 (kv, score).
@@ -842,8 +842,8 @@ __device__ void load_projected_rows(const FusedStep& f, const FusedMember& mb, i
 }
 
 // A pool item: the channels of row block `rb` for the requests of one group. Pools those
-// channels of every completed window of the group, counts itself done for the entries, then
-// updates those channels' state.
+// channels of every completed window of the group into the pooled slots the entries read,
+// then updates those channels' state.
 // `g` comes from stage_plan.
 template <bool kStash, bool kProject>
 __device__ void pool_item(const FusedStep& f, int member, int rb_global, int rb, const Group& g, char* smem) {
@@ -860,15 +860,16 @@ __device__ void pool_item(const FusedStep& f, int member, int rb_global, int rb,
   const int pairs = entries * ch;
   for (int idx = threadIdx.x; idx < pairs; idx += kFusedThreads) {
     const int el = idx / ch, d = rb * ch + idx % ch;
-    mb.pooled[static_cast<std::int64_t>(e0 + el) * hd + d] = mb.st.dtype == DType::f32
-                                                                 ? pool_channel<float, kStash>(mb, vals, g, rb, el, d)
-                                                                 : pool_channel<std::uint16_t, kStash>(mb, vals, g, rb, el, d);
+    // The store is the hand-off: the entry reads until its slots no longer hold the pending
+    // mark (load_pooled).
+    mb.pooled[static_cast<std::int64_t>(e0 + el) * hd + d] =
+        pooled_for_store(mb.st.dtype == DType::f32 ? pool_channel<float, kStash>(mb, vals, g, rb, el, d)
+                                                   : pool_channel<std::uint16_t, kStash>(mb, vals, g, rb, el, d));
   }
-  // Pooling has read the state these channels are about to overwrite, and every pooled value
-  // is written: the entries may start now. The state update is for the next step only (it
-  // becomes visible when this kernel completes), so its stores stay off the entries' path.
+  // Pooling has read the state these channels are about to overwrite. The state update is for
+  // the next step only (it becomes visible when this kernel completes), so it stays off the
+  // entries' path.
   __syncthreads();
-  if (threadIdx.x == 0) add_release(&f.counters[kCounterMemberDone + member], 1u);
   DSV4_STAMP(f, mark2);
 
   if (mb.st.running) {  // update_running_kernel, for these channels, four pairs at once
@@ -975,7 +976,6 @@ __device__ void reset_counters(const FusedStep& f) {
   unsigned* counters = f.counters;
   counters[kCounterTicket] = 0;
   counters[kCounterExits] = 0;
-  for (int m = 0; m < kFusedMaxMembers; ++m) counters[kCounterMemberDone + m] = 0;
   for (int rb = 0; rb < f.row_blocks; ++rb) counters[kCounterRowBlocks + rb] = 0;
   __threadfence();
 }
@@ -1080,21 +1080,17 @@ __global__ void __launch_bounds__(kFusedThreads, kProject ? kBlocksPerSm : kComp
         // Plan values and weights only (never written by a kernel): before the wait.
         const EntryInputs in = load_entry_inputs(mb.c, mb.p, mb.cache != nullptr, e);
         wait_once();
-        if (threadIdx.x == 0) {
-          const auto pool_items = static_cast<unsigned>(mb.row_blocks * mb.groups);
-          while (load_acquire(&counters[kCounterMemberDone + m]) < pool_items) __nanosleep(32);
-        }
-        __syncthreads();
-        DSV4_STAMP(f, mark1);
-        // With a block for every item no ticket follows, so this block is done with the
-        // counters: it counts itself out now, and the add's round trip overlaps the epilogue
-        // (its result is looked at after it). No fence: the block's only counter accesses were
-        // acquire loads, which later operations cannot pass.
+        // With a block for every item no ticket follows, and an entry reads no counter, so
+        // this block is done with the counters: it counts itself out now, and the add's round
+        // trip overlaps the wait for the pooled values and the epilogue (its result is looked
+        // at after them). It cannot be the last out while a pool item runs.
         unsigned exit_count = 0;
         if (one_wave && threadIdx.x == 0) exit_count = atomicAdd(&counters[kCounterExits], 1u);
         left = one_wave;
+        const PooledValues pooled = load_pooled(mb.c, mb.pooled, e, true);
+        DSV4_STAMP(f, mark1);
         float* v = smem_vals(raw);
-        finish_entry(mb.c, in, mb.pooled, mb.cache, mb.entries, e, v, v + kFinishMaxHeadDim);
+        finish_entry(mb.c, in, pooled, mb.cache, mb.entries, e, v, v + kFinishMaxHeadDim);
         if (one_wave && threadIdx.x == 0 && exit_count == gridDim.x - 1) reset_counters(f);
       }
     }

@@ -69,8 +69,8 @@ void launch_pool_windows(const CompressorConsts& c, const DevicePlan& plan, KvSc
                          float* pooled, cudaStream_t stream, bool pdl);
 
 // Per entry: RMSNorm, RoPE, rotation, then quantization and store. `cache` and `entries` may
-// each be null.
-void launch_finish_entries(const CompressorConsts& c, const DevicePlan& plan, const float* pooled,
+// each be null. Puts the pending mark back into the pooled slots it reads (kPooledPending).
+void launch_finish_entries(const CompressorConsts& c, const DevicePlan& plan, float* pooled,
                            std::uint8_t* cache, std::uint16_t* entries, cudaStream_t stream, bool pdl);
 
 // Copies into each request's ring the rows later calls still need (or, with running state,

@@ -104,7 +104,7 @@ __global__ void __launch_bounds__(kChannels * kGroups) pool_windows_kernel(Compr
     }
   }
   if (groups == 1) {
-    if (d < hd) pooled[e * hd + d] = sm.a / sm.s;
+    if (d < hd) pooled[e * hd + d] = pooled_for_store(sm.a / sm.s);
     return;
   }
   partial[threadIdx.y * blockDim.x + threadIdx.x] = sm;
@@ -112,7 +112,7 @@ __global__ void __launch_bounds__(kChannels * kGroups) pool_windows_kernel(Compr
   if (threadIdx.y == 0 && d < hd) {
     Softmax total = partial[threadIdx.x];
     for (int g = 1; g < groups; ++g) total.merge(partial[g * blockDim.x + threadIdx.x]);
-    pooled[e * hd + d] = total.a / total.s;
+    pooled[e * hd + d] = pooled_for_store(total.a / total.s);
   }
 }
 
