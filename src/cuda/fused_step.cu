@@ -1204,12 +1204,32 @@ int fused_prepare_launch(FusedStep& f, int device) {
   const int target_items = std::max(1, (f.projected ? kCompressBlocksPerSm : kBlocksPerSm) * sms - beside_projection);
   const int pool_target = f.entries < target_items / 2 ? target_items - f.entries : target_items;
   const int most_groups = std::max(1, pool_target / std::max(1, f.row_blocks));
+  // Wider fused steps: groups whose (entry, channel) pairs fit one round of the block's
+  // threads, where those groups' pool items still fit the grid. Pooling is a chain of
+  // dependent loads a pair, and a second round doubled it: Flash CSA layer decode B=64, groups
+  // of 11 requests (176 pairs on 128 threads) 26.7 us, of 8 (128 pairs) 24.1; with 512 pool
+  // items for 396 blocks (HCA and CSA main at B=128) 4 and 2.7 us slower (H100, docs/PERF.md).
+  auto group_size = [&](const FusedMember& mb, bool one_round) {
+    const int most = 512 / channels_per_block(mb.c.overlap), n = mb.p.num_requests;
+    int size = std::max(1, std::min(most, (n + most_groups - 1) / most_groups));
+    if (one_round && mb.p.num_entries > 0) {
+      const std::int64_t per_round = std::max(1, kFusedThreads / channels_per_block(mb.c.overlap));
+      size = static_cast<int>(std::min<std::int64_t>(size, std::max<std::int64_t>(1, per_round * n / mb.p.num_entries)));
+    }
+    return size;
+  };
+  int one_round_items = 0;
+  for (int k = 0; k < f.members; ++k) {
+    const int size = group_size(f.m[k], true);
+    one_round_items += f.m[k].row_blocks * ((f.m[k].p.num_requests + size - 1) / size);
+  }
+  const bool one_round = !f.projected && f.tokens_cap > 8 && one_round_items <= target_items;
   f.pool_items = 0;
   f.vals_rows = 0;
   for (int k = 0; k < f.members; ++k) {
     FusedMember& mb = f.m[k];
-    const int most = 512 / channels_per_block(mb.c.overlap), n = mb.p.num_requests;
-    mb.group_requests = std::max(1, std::min(most, (n + most_groups - 1) / most_groups));
+    const int n = mb.p.num_requests;
+    mb.group_requests = group_size(mb, one_round);
     mb.groups = std::max(1, (n + mb.group_requests - 1) / mb.group_requests);
     mb.first_pool_item = f.pool_items;
     f.pool_items += mb.row_blocks * mb.groups;
