@@ -143,6 +143,20 @@ __device__ void stage_x(const FusedStep& f, int pass0, int n, int slice, std::ui
   cp_async_wait_all();
 }
 
+// A projection item's wait for the previous kernel (weights never change; x, state and
+// counters may come from it). Right after it, the item lets the next kernel launch: that
+// kernel's blocks then take SM slots as this step's blocks leave them, where without the
+// signal the launch began only when the last projection block had exited (an exit counts
+// as the signal) and its blocks started 2 us after that. The next kernel still waits for
+// this one to end before it reads anything this one writes.
+__device__ __forceinline__ void projection_wait(const FusedStep& f, bool& waited) {
+  if (waited) return;
+  wait_for_previous_kernel();
+  allow_next_kernel();
+  waited = true;
+  DSV4_STAMP(f, waited);
+}
+
 // One pass of a projection item on mma.sync (devices without wgmma): each warp its 16 rows
 // x `tiles` 8-token tiles, x staged by stage_x. Two accumulators per tile: the first mma of
 // every k block adds into one, the second into the other, and they are added at the end. Half
@@ -377,11 +391,7 @@ __device__ void project_item_ring(const FusedStep& f, const FusedMember& mb, int
       __syncthreads();  // every warp is done with the ring (the last pass waited for its multiply)
       copy_first_weights(false);
     }
-    if (!waited) {  // weights never change; x, state and counters may come from the kernel before
-      wait_for_previous_kernel();
-      waited = true;
-      DSV4_STAMP(f, waited);
-    }
+    projection_wait(f, waited);
     // The pass's padded tokens are zero in every slot (the multiply reads the whole width).
     const int pad = (width - n) * 8;
     for (int idx = threadIdx.x; idx < kRingSlots * pad; idx += kFusedThreads) {
@@ -471,11 +481,7 @@ __device__ void project_item(const FusedStep& f, const FusedMember& mb, int rb, 
     // launch), as do the staged k blocks: the weights stream during that kernel's tail.
     load(a, staged);
     load(b, staged + kLoadBatch);
-    if (!waited) {  // weights never change; x, state and counters may come from the kernel before
-      wait_for_previous_kernel();
-      waited = true;
-      DSV4_STAMP(f, waited);
-    }
+    projection_wait(f, waited);
     __syncthreads();  // the previous pass or item is done with xs
 #if defined(DSV4_HAVE_WGMMA)
     if constexpr (kWgmma) {  // steps of at most 8 tokens (wider ones: project_item_ring)
