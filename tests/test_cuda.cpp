@@ -226,8 +226,8 @@ TEST_P(CudaFused, DecodeStepsMatchCpuAndSplitsAreBitIdentical) {
       for (std::int64_t k = 0; k < windows_completed(0, 4, spec.ratio); ++k) four.cache_locations.push_back(k);
       EXPECT_EQ(chooser.plan(four, pool_a).fused(), spec.overlap() || ws == WindowState::running)
           << "the automatic choice fuses a 4-token CSA step that completes a window, and HCA's with running state";
-      EXPECT_EQ(chooser.plan(one, pool_a).fused(), ws == WindowState::running || c.kind == CompressorKind::csa_indexer)
-          << "nor CSA main's step that completes none (the indexer's, narrow, is)";
+      EXPECT_EQ(chooser.plan(one, pool_a).fused(), spec.overlap() || ws == WindowState::running)
+          << "and a step that completes none alike";
       EXPECT_FALSE(chooser.plan(many, pool_a).fused()) << "and leaves 200 tokens to the unfused path";
     }
     // b decodes one token per sequence per step, at most 8 tokens a step (one 8-token tile, the
@@ -291,8 +291,8 @@ TEST(CudaFusedGroup, OneLaunchMatchesMembersAloneBitForBit) {
         Batch b;
         b.add(0, 0, 3);
         EXPECT_TRUE(group.plan({b, b}, {&pm, &pi}).fused());
-        // The automatic choice: a CSA layer's step of at most 8 tokens that completes a window
-        // is fused; a larger one, or one that completes none (main decides), not.
+        // The automatic choice: a CSA layer's step of at most 8 tokens is fused, whether it
+        // completes a window or not; a larger one not.
         Options automatic = opts;
         automatic.fused_decode = FusedDecode::automatic;
         const Compressor am(main_spec, wm.view(main_spec), automatic), ai(idx_spec, wi.view(idx_spec), automatic);
@@ -302,7 +302,7 @@ TEST(CudaFusedGroup, OneLaunchMatchesMembersAloneBitForBit) {
         for (std::int64_t s = 0; s < 2; ++s) small.add(s, 0, 4), small.cache_locations.push_back(s);
         for (std::int64_t s = 0; s < 4; ++s) no_window.add(s, 0, 2), large.add(s, 0, 4), large.cache_locations.push_back(s);
         EXPECT_TRUE(auto_group.plan({small, small}, {&qm, &qi}).fused()) << "8 tokens, 2 windows";
-        EXPECT_FALSE(auto_group.plan({no_window, no_window}, {&qm, &qi}).fused()) << "8 tokens, no window";
+        EXPECT_TRUE(auto_group.plan({no_window, no_window}, {&qm, &qi}).fused()) << "8 tokens, no window";
         EXPECT_FALSE(auto_group.plan({large, large}, {&qm, &qi}).fused()) << "16 tokens";
       }
       const auto together = test::serve_group(group, seqs, schedule, *buffers);

@@ -62,9 +62,8 @@ enum class WindowState {
 // the same path, entries stay bit-identical however a sequence is split.
 enum class FusedDecode {
   automatic,  // fused where measured faster (docs/PERF.md): steps of at most 8 tokens at ratio 4
-              // (CSA; a CSA layer's main and indexer in one launch, CompressorGroup), except
-              // steps of CSA main or a group that complete no window, and at ratio 128 with
-              // WindowState::running (HCA)
+              // (CSA; a CSA layer's main and indexer in one launch, CompressorGroup), and at
+              // ratio 128 with WindowState::running (HCA)
   always,     // fused for every supported step of at most 256 tokens (tests, benchmarks)
   off,        // always the unfused path: cuBLASLt projection, then the compress kernels
 };

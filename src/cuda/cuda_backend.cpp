@@ -43,10 +43,6 @@ std::shared_ptr<void> device_copy(int device, const std::vector<T>& host) {
 // The automatic choice takes the fused step up to this many tokens (fused_wins).
 constexpr std::int64_t kFusedAutoMaxTokens = 8;
 
-// The automatic choice leaves a ratio-4 step that completes no window to the unfused path
-// from this projection width (fused_wins).
-constexpr std::int64_t kUnfusedNoWindowMinWidth = 2048;
-
 // The automatic choice gives a ratio-128 compressor alone the compress step from this many
 // tokens (compress_step_alone).
 constexpr std::int64_t kCompressAloneMinTokens = 64;
@@ -256,18 +252,15 @@ class CudaBackend final : public Backend {
     // us, Pro 40.3 against 43.2; docs/perf/h100-2026-11-24e.json) but lost at 32 tokens when
     // no window completes (Flash 22.7 against 18.6, Pro 35.9 against 30.6;
     // docs/perf/h100-2026-11-24h.json), and 9-31 tokens are not measured, so the limit stays
-    // at 8 for groups too. Since the projection takes an algorithm per range of token counts
-    // (docs/perf/h100-2026-11-24k.json), a ratio-4 step that completes no window runs faster
-    // unfused (GEMM, then update_state) where the projection is wide (CSA main, and so a CSA
-    // layer's group): Pro CSA layer decode-partial B=1 20.0 against 22.4 us fused, B=8 20.9
-    // against 23.7, Pro CSA main B=1 17.1 against 19.2; Flash even. A narrow one (the indexer
-    // alone, 512 columns, where cuBLASLt's algorithms that keep K whole are slow) stays fused:
-    // unfused it took Flash 10.1 against 8.5, Pro 14.1 against 10.7. With a window the fused
-    // step wins (Flash CSA layer B=8 18.8 against 27.2, Pro 26.2 against 32.8). Ratio 128
+    // at 8 for groups too. Steps that complete no window left the fused step for the unfused
+    // path (GEMM, then update_state) where the projection is wide (CSA main, a CSA layer's
+    // group) until the fused step's projection items let the next kernel launch right after
+    // their wait: since then the fused step wins those too (docs/perf/h100-2026-11-24t.json:
+    // decode-partial CSA layer Flash B=1 11.4 against 14.1 us, B=8 11.5 against 15.1; Pro B=1
+    // 19.0 against 19.9, B=8 19.6 against 20.9; Pro CSA main B=1 15.6 against 17.0). Ratio 128
     // with stored rows stays unfused (below).
     if (options_.fused_decode == FusedDecode::automatic &&
-        (plan.num_tokens() > kFusedAutoMaxTokens || (!spec_.overlap() && options_.window_state != WindowState::running) ||
-         (spec_.overlap() && plan.num_entries() == 0 && spec_.projection_width() >= kUnfusedNoWindowMinWidth)))
+        (plan.num_tokens() > kFusedAutoMaxTokens || (!spec_.overlap() && options_.window_state != WindowState::running)))
       return false;
     if (!cuda::fused_shape_supported(static_cast<int>(spec_.head_dim), spec_.hidden))
       return false;
