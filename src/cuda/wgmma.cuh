@@ -68,8 +68,9 @@ __device__ __forceinline__ void wgmma_hold(float (&d)[R]) {
   for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
-// D += A * B, A (64 x 16) and B (16 x N) both from shared memory (descriptors). N = 8, 16, 24,
-// 32 (ring passes of up to four 8-token tiles) and 64 (wider ring passes, bench-multiply).
+// D += A * B, A (64 x 16) and B (16 x N) both from shared memory (descriptors). N = 8 (steps
+// of at most 8 tokens, and ring passes), 16, 24, 32 (ring passes of up to four 8-token tiles)
+// and 64 (wider ring passes, bench-multiply).
 template <int N>
 __device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], std::uint64_t a, std::uint64_t b);
 
