@@ -245,6 +245,11 @@ __device__ __forceinline__ void wgmma_pass(const FusedStep& f, float* out, int p
   for (int i = 0; i < N / 2; ++i) d[i] = 0.0f;
   // k step s (k 16s..16s+15): atom s / 4 of the weights and of x, 32 (s % 4) bytes into the row.
   auto x_step = [&](int s) { return sw128_descriptor(xs + (s / 4) * N * 64 + (s % 4) * 16); };
+  // The zeros go into the accumulators before the fence: where the compiler left them, after
+  // it, they were register writes inside the pipeline stage, and ptxas then serialized every
+  // wgmma of the stage (its warning C7515). Measured on the H100: Flash CSA layer decode B=1
+  // 12.5 -> 12.0 us, HCA B=1 9.7 -> 9.0 (docs/PERF.md).
+  wgmma_hold(d);
   wgmma_fence();
   for (int s = 0; s < 2 * staged; ++s)
     wgmma_ss<N>(d, sw128_descriptor(ws + (s / 4) * kFusedRowsPerBlock * 64 + (s % 4) * 16), x_step(s));
