@@ -43,7 +43,7 @@ def main(path, first=0, last=1 << 30):
         print(f"  wait returned    {span(b['waited'] for b in blocks)}")
         for kind, marks in ((0, ("x + weights in smem", "products summed")),
                             (1, ("slices summed", "pooled written", "state updated")),
-                            (2, ("pooled in hand",))):
+                            (2, ("pooled in hand", "normed and roped", "stores issued"))):
             mine = [b for b in blocks if b["first_item"] == kind]
             if not mine:
                 continue

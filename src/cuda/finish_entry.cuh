@@ -85,11 +85,18 @@ __device__ __forceinline__ PooledValues load_pooled(const CompressorConsts& c, f
   return p;
 }
 
+// No marks: finish_entries. The fused step's timeline build passes one that stamps the phases.
+struct NoEntryMarks {
+  __device__ void operator()(int) const {}
+};
+
 // `v` is kFinishMaxHeadDim floats and `scratch` 32 floats of shared memory; `pooled` comes
-// from load_pooled.
+// from load_pooled. `mark(2)` runs once the values are normed, roped and rotated, `mark(3)`
+// once the stores are issued.
+template <class Marks = NoEntryMarks>
 __device__ __forceinline__ void finish_entry(const CompressorConsts& c, const EntryInputs& in, const PooledValues& pooled,
                                              std::uint8_t* cache, std::uint16_t* entries, std::int64_t e, float* v,
-                                             float* scratch) {
+                                             float* scratch, const Marks& mark = {}) {
   constexpr int kPerThread = kFinishPerThread;
   const int hd = c.head_dim;
   float acc[kPerThread];
@@ -141,6 +148,7 @@ __device__ __forceinline__ void finish_entry(const CompressorConsts& c, const En
     for (int d = threadIdx.x; d < hd; d += kFinishThreads) v[d] = num::round_to_bf16(v[d] * scale);
     __syncthreads();
   }
+  mark(2);
 
   if (entries)
     for (int d = threadIdx.x; d < hd; d += kFinishThreads) entries[e * hd + d] = num::bf16_from_f32(v[d]);
@@ -150,6 +158,7 @@ __device__ __forceinline__ void finish_entry(const CompressorConsts& c, const En
     auto* dst = reinterpret_cast<std::uint16_t*>(row);
     for (int d = threadIdx.x; d < hd; d += kFinishThreads) dst[d] = num::bf16_from_f32(v[d]);
     for (std::int64_t b = 2 * hd + threadIdx.x; b < c.entry_bytes; b += kFinishThreads) row[b] = 0;
+    mark(3);
     return;
   }
   // fp8 blocks of 64 dims: one warp per block, two dims per lane.
@@ -168,6 +177,7 @@ __device__ __forceinline__ void finish_entry(const CompressorConsts& c, const En
   auto* rope_dst = reinterpret_cast<std::uint16_t*>(row + nope);
   for (int d = threadIdx.x; d < c.rope_dim; d += kFinishThreads) rope_dst[d] = num::bf16_from_f32(v[nope + d]);
   for (std::int64_t b = scale_offset + blocks + threadIdx.x; b < c.entry_bytes; b += kFinishThreads) row[b] = 0;
+  mark(3);
 }
 
 }  // namespace dsv4::cuda

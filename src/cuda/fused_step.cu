@@ -49,8 +49,8 @@ namespace {
 // mark1 and mark2 depend on the block's first item: projection: x and the staged weights are in
 // shared memory / the products are summed (before the stores); pool: the slices are summed
 // into shared memory (after the row-block wait) / the pooled values are written (before the
-// state update); entry: its pooled values are in hand / (unused). mark3 (pool items): the state is
-// updated.
+// state update); entry: its pooled values are in hand / normed, roped and rotated. mark3: pool
+// items: the state is updated; entry: its stores are issued.
 struct BlockStamps {
   unsigned long long start, waited, mark1, mark2, mark3, first_end, exit;
   int first_item, sm;
@@ -1101,7 +1101,10 @@ __global__ void __launch_bounds__(kFusedThreads, kProject ? kBlocksPerSm : kComp
         const PooledValues pooled = load_pooled(mb.c, mb.pooled, e, true);
         DSV4_STAMP(f, mark1);
         float* v = smem_vals(raw);
-        finish_entry(mb.c, in, pooled, mb.cache, mb.entries, e, v, v + kFinishMaxHeadDim);
+        finish_entry(mb.c, in, pooled, mb.cache, mb.entries, e, v, v + kFinishMaxHeadDim, [&](int phase) {
+          if (phase == 2) DSV4_STAMP(f, mark2);
+          else DSV4_STAMP(f, mark3);
+        });
         if (one_wave && threadIdx.x == 0 && exit_count == gridDim.x - 1) reset_counters(f);
       }
     }
