@@ -61,7 +61,10 @@ __device__ __forceinline__ void fence_shared_for_wgmma() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 // Keeps the compiler from moving the accumulators' uses across a wait (their registers are
-// written asynchronously).
+// written asynchronously). Also used on freshly zeroed accumulators before wgmma_fence: any
+// register write to an accumulator between the fence and the wait (the compiler is free to
+// put the zeros there) makes ptxas serialize every wgmma of the stage (warning C7515, which
+// .ci/run rejects).
 template <int R>
 __device__ __forceinline__ void wgmma_hold(float (&d)[R]) {
 #pragma unroll
