@@ -134,18 +134,61 @@ __device__ __forceinline__ void finish_entry(const CompressorConsts& c, const En
   }
   __syncthreads();
 
-  if (c.rotate) {  // Walsh-Hadamard butterflies, the same pairs in the same order as the CPU
-    for (int h = 1; h < hd; h *= 2) {
-      for (int t = threadIdx.x; t < hd / 2; t += kFinishThreads) {
-        const int j = (t / h) * 2 * h + (t % h);
-        const float a = v[j], b = v[j + h];
-        v[j] = a + b;
-        v[j + h] = a - b;
+  if (c.rotate) {
+    // Walsh-Hadamard butterflies: in stage h the pair (j, j + h), bit h of j clear, becomes
+    // (a + b, a - b), stages in increasing h: the CPU's pairs in the CPU's order, so the same
+    // bits. Thread t holds dims t + kFinishThreads k: a partner less than 32 away is in its
+    // warp (a shuffle), 32 or 64 away in another warp (shared memory), kFinishThreads or more
+    // away in its own registers. A block barrier and an index division every stage made the
+    // rotation the longest part of the fused step's last phase (docs/PERF.md).
+    float x[kPerThread];
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int k = 0; k < kPerThread; ++k) {
+      const int d = threadIdx.x + k * kFinishThreads;
+      x[k] = d < hd ? v[d] : 0.0f;
+    }
+    for (int h = 1; h < 32 && h < hd; h *= 2)
+#pragma unroll
+      for (int k = 0; k < kPerThread; ++k) {
+        const float p = __shfl_xor_sync(0xffffffffu, x[k], h);
+        x[k] = (lane & h) ? p - x[k] : x[k] + p;
+      }
+    for (int h = 32; h < kFinishThreads && h < hd; h *= 2) {
+      __syncthreads();  // v is read by every thread (the load above, or the last exchange)
+#pragma unroll
+      for (int k = 0; k < kPerThread; ++k) {
+        const int d = threadIdx.x + k * kFinishThreads;
+        if (d < hd) v[d] = x[k];
       }
       __syncthreads();
+#pragma unroll
+      for (int k = 0; k < kPerThread; ++k) {
+        const int d = threadIdx.x + k * kFinishThreads;
+        if (d < hd) {
+          const float p = v[d ^ h];
+          x[k] = (threadIdx.x & h) ? p - x[k] : x[k] + p;
+        }
+      }
+    }
+#pragma unroll
+    for (int m = 1; m < kPerThread; m *= 2) {  // unrolled: x stays in registers
+      if (m * kFinishThreads >= hd) break;
+#pragma unroll
+      for (int k = 0; k < kPerThread; ++k)
+        if ((k & m) == 0) {
+          const float a = x[k], b = x[k | m];
+          x[k] = a + b;
+          x[k | m] = a - b;
+        }
     }
     const float scale = 1.0f / sqrtf(static_cast<float>(hd));
-    for (int d = threadIdx.x; d < hd; d += kFinishThreads) v[d] = num::round_to_bf16(v[d] * scale);
+    __syncthreads();  // every thread is done reading v
+#pragma unroll
+    for (int k = 0; k < kPerThread; ++k) {
+      const int d = threadIdx.x + k * kFinishThreads;
+      if (d < hd) v[d] = num::round_to_bf16(x[k] * scale);
+    }
     __syncthreads();
   }
   mark(2);
@@ -161,18 +204,24 @@ __device__ __forceinline__ void finish_entry(const CompressorConsts& c, const En
     mark(3);
     return;
   }
-  // fp8 blocks of 64 dims: one warp per block, two dims per lane.
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  // fp8 blocks of 64 dims: one half-warp per block, four dims per lane, so that the 7 blocks
+  // of a 512-wide entry take one round of the block's threads (one warp a block took two).
+  // The block's amax is the largest |value| that is not NaN (NaN only if all are) in any order.
+  const int half = threadIdx.x >> 4, hl = threadIdx.x & 15;
+  const unsigned half_mask = 0xffffu << (threadIdx.x & 16);
   const int blocks = nope / 64;
   const std::int64_t scale_offset = nope + 2 * c.rope_dim;
-  for (int b = warp; b < blocks; b += kFinishThreads / 32) {
-    const float x0 = v[b * 64 + lane], x1 = v[b * 64 + 32 + lane];
-    const float amax = warp_max(fmaxf(fabsf(x0), fabsf(x1)));
+  for (int b = half; b < blocks; b += kFinishThreads / 16) {
+    float x[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) x[i] = v[b * 64 + hl + 16 * i];
+    float amax = fmaxf(fmaxf(fabsf(x[0]), fabsf(x[1])), fmaxf(fabsf(x[2]), fabsf(x[3])));
+    for (int o = 8; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(half_mask, amax, o));
     const int exponent = num::fp8_scale_exponent(amax);
     const float inv_scale = num::exp2_int(-exponent);
-    row[b * 64 + lane] = num::e4m3_from_f32(x0 * inv_scale);
-    row[b * 64 + 32 + lane] = num::e4m3_from_f32(x1 * inv_scale);
-    if (lane == 0) row[scale_offset + b] = num::ue8m0_from_exponent(exponent);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) row[b * 64 + hl + 16 * i] = num::e4m3_from_f32(x[i] * inv_scale);
+    if (hl == 0) row[scale_offset + b] = num::ue8m0_from_exponent(exponent);
   }
   auto* rope_dst = reinterpret_cast<std::uint16_t*>(row + nope);
   for (int d = threadIdx.x; d < c.rope_dim; d += kFinishThreads) rope_dst[d] = num::bf16_from_f32(v[nope + d]);
