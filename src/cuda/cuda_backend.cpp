@@ -11,6 +11,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <bit>
 #include <cstring>
 #include <memory>
 #include <vector>
@@ -132,6 +133,7 @@ class CudaBackend final : public Backend {
     norm_ = device_copy(device_, weights.norm);
     inv_freq_ = device_copy(device_, yarn_inv_freq(spec.rope));
     consts_.ratio = static_cast<int>(spec.ratio);
+    consts_.ratio_shift = std::countr_zero(static_cast<unsigned>(spec.ratio));  // 4 or 128 (CompressorSpec)
     consts_.head_dim = static_cast<int>(spec.head_dim);
     consts_.rope_dim = static_cast<int>(spec.rope.dim);
     consts_.overlap = spec.overlap();

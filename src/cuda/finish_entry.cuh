@@ -34,7 +34,7 @@ __device__ __forceinline__ EntryInputs load_entry_inputs(const CompressorConsts&
   }
   in.location = cache ? p.cache_location[e] : 0;
   const int i = request_of(p, e);
-  in.w = p.start[i] / c.ratio + (e - p.entry_offset[i]);
+  in.w = window_of(c, p.start[i]) + (e - p.entry_offset[i]);
   // The angle is the window's first position times the pair's frequency: known before the
   // pooled values are, so the fp64 sincos runs off the epilogue's critical path.
   in.cos0 = 1.0f, in.sin0 = 0.0f;

@@ -618,7 +618,7 @@ __device__ float pool_channel(const FusedMember& mb, const float* vals, const Gr
   const CompressorConsts& c = mb.c;
   const int r = g.entry_request[el];
   const std::int64_t start = g.start[r];
-  const std::int64_t w = start / c.ratio + (el - (g.entry_offset[r] - g.entry_offset[0]));
+  const std::int64_t w = window_of(c, start) + (el - (g.entry_offset[r] - g.entry_offset[0]));
   if (c.overlap && c.ratio == 4) return pool_ratio4<StateT, kStash>(c, mb.st, vals, g, r, w, rb, d);
   // Other shapes (ratio 128; overlap at another ratio), slot by slot. With running state every
   // slot is this step's, in shared memory; with stored rows a ratio-128 window reads up to 127
@@ -896,10 +896,10 @@ __device__ void pool_item(const FusedStep& f, int member, int rb_global, int rb,
         if (idx >= pairs) continue;
         const int r = idx / ch, d = rb * ch + idx % ch;
         const std::int64_t start = g.start[r], end = start + (g.token_offset[r + 1] - g.token_offset[r]);
-        if (end % c.ratio == 0) continue;
+        if (window_start_of(c, end) == end) continue;
         float* a = reinterpret_cast<float*>(static_cast<char*>(mb.st.data) + g.slot[r] * mb.st.slot_bytes);
         acc[k] = a + d;
-        carried[k] = (end / c.ratio) * c.ratio < start;
+        carried[k] = window_start_of(c, end) < start;
         if (carried[k]) sm[k] = Softmax{__ldcg(a + d), __ldcg(a + hd + d), __ldcg(a + 2 * hd + d)};
       }
 #pragma unroll
@@ -908,7 +908,7 @@ __device__ void pool_item(const FusedStep& f, int member, int rb_global, int rb,
         const int idx = base + k * kFusedThreads;
         const int r = idx / ch, d = rb * ch + idx % ch;
         const std::int64_t start = g.start[r], end = start + (g.token_offset[r + 1] - g.token_offset[r]);
-        const std::int64_t w0 = (end / c.ratio) * c.ratio;
+        const std::int64_t w0 = window_start_of(c, end);
         const int tok0 = g.token_offset[r] - g.base;
         for (std::int64_t q = max(w0, start); q < end; ++q) {
           const float score = vals[block_row(c, rb, hd + d) * g.stride + tok0 + static_cast<int>(q - start)];
@@ -923,7 +923,7 @@ __device__ void pool_item(const FusedStep& f, int member, int rb_global, int rb,
     for (int r = warp; r < g.requests; r += kWarps) {
       const std::int64_t start = g.start[r], end = start + (g.token_offset[r + 1] - g.token_offset[r]);
       const int tok0 = g.token_offset[r] - g.base;
-      const std::int64_t last_window_start = (end / c.ratio) * c.ratio;
+      const std::int64_t last_window_start = window_start_of(c, end);
       const std::int64_t keep_from = c.overlap ? max(std::int64_t{0}, last_window_start - c.ratio) : last_window_start;
       char* slot = static_cast<char*>(mb.st.data) + g.slot[r] * mb.st.slot_bytes;
       for (std::int64_t q = max(start, keep_from); q < end; ++q)

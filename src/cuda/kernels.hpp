@@ -47,6 +47,7 @@ struct StateView {
 
 struct CompressorConsts {
   int ratio = 0;
+  int ratio_shift = 0;  // log2(ratio): ratios are powers of two (window_of)
   int head_dim = 0;
   int rope_dim = 0;
   bool overlap = false;

@@ -48,7 +48,7 @@ __global__ void __launch_bounds__(kChannels * kGroups) pool_windows_kernel(Compr
   const std::int64_t e = blockIdx.x;
   const int i = request_of(p, e);
   const std::int64_t start = p.start[i];
-  const std::int64_t w = start / c.ratio + (e - p.entry_offset[i]);
+  const std::int64_t w = window_of(c, start) + (e - p.entry_offset[i]);
   const int hd = c.head_dim;
   const int d = blockIdx.y * blockDim.x + threadIdx.x;
   const int groups = blockDim.y;

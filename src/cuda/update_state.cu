@@ -15,7 +15,7 @@ template <class ScoreT, class StateT>
 __global__ void update_state_kernel(CompressorConsts c, DevicePlan p, KvScoreView kv, StateView st) {
   const int i = blockIdx.x;
   const std::int64_t start = p.start[i], end = start + p.num_tokens[i];
-  const std::int64_t last_window_start = (end / c.ratio) * c.ratio;
+  const std::int64_t last_window_start = window_start_of(c, end);
   const std::int64_t keep_from = c.overlap ? max(std::int64_t{0}, last_window_start - c.ratio) : last_window_start;
   const std::int64_t q = max(start, keep_from) + blockIdx.y;
   // The plan's values above; kv_score below, and the state rows pooling may still read. Every
@@ -44,8 +44,8 @@ __global__ void update_running_kernel(CompressorConsts c, DevicePlan p, KvScoreV
   const std::int64_t start = p.start[i], end = start + p.num_tokens[i];
   wait_for_previous_kernel();  // the plan's values above; kv_score and the state below (every
   allow_next_kernel();         // block waits: see update_state_kernel)
-  if (d >= hd || end % c.ratio == 0) return;
-  const std::int64_t w0 = (end / c.ratio) * c.ratio;
+  if (d >= hd || window_start_of(c, end) == end) return;
+  const std::int64_t w0 = window_start_of(c, end);
   float* acc = reinterpret_cast<float*>(static_cast<char*>(st.data) + p.slot[i] * st.slot_bytes);
   Softmax sm;
   if (w0 < start) sm = Softmax{acc[d], acc[hd + d], acc[2 * hd + d]};
