@@ -94,6 +94,35 @@ struct Softmax {
   }
 };
 
+// A ratio-4 window's 8 slots in closed form: the maximum logit, the exponentials side by side,
+// then the sums in slot order. Slots 0..3 (the previous window) count only with has_previous
+// (window 0 has none); their values are then ignored, whatever they hold. Merging slot after
+// slot (Softmax::merge) chained 16 exponentials one after another, and the pooling of a decode
+// step runs on one warp, so that chain sat on the step's critical path. Selects, not branches:
+// a branch per slot serialized the slots' instructions. Every kernel that pools a ratio-4
+// window calls this, so all of them give the same bits.
+__device__ __forceinline__ float pool_ratio4_slots(const float (&logit)[8], const float (&value)[8], bool has_previous) {
+  const float current = fmaxf(fmaxf(logit[4], logit[5]), fmaxf(logit[6], logit[7]));
+  const float previous = fmaxf(fmaxf(logit[0], logit[1]), fmaxf(logit[2], logit[3]));
+  const float m = has_previous ? fmaxf(previous, current) : current;
+  float p[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) p[j] = expf(logit[j] - m);
+  float s = 0.0f, a = 0.0f;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    s = __fadd_rn(s, p[j]);
+    a = fmaf(p[j], value[j], a);
+  }
+  if (!has_previous) s = 0.0f, a = 0.0f;
+#pragma unroll
+  for (int j = 4; j < 8; ++j) {
+    s = __fadd_rn(s, p[j]);
+    a = fmaf(p[j], value[j], a);
+  }
+  return a / s;
+}
+
 // D += A * B on tensor cores: A 16x16 bf16 (4 registers of 2), B 16x8 bf16 (2 registers), D
 // 16x8 fp32, the fragment layouts of PTX mma.m16n8k16 (row.col). Each D element depends only on
 // its row of A, its column of B and its own accumulator, never on the other rows or columns.

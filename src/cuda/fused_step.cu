@@ -27,6 +27,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 #endif
 
@@ -505,6 +506,22 @@ __device__ void project_item(const FusedStep& f, const FusedMember& mb, int rb, 
   }
 }
 
+// What the ratio-4 pooling of one entry derives from the plan alone, worked out by stage_plan
+// (before the wait for the previous kernel in the fused step) so that after the wait only the
+// loads and the merges remain. The pooling of a decode step runs on one warp, where this index
+// chain (the entry's request, start and window, then each slot's source and offsets, in 64-bit
+// arithmetic) took about 1 us of the step's critical path (docs/PERF.md, fourteenth pass).
+// Slots [first, from_vals) read the stored rows: slot j is from_vals - j positions before the
+// request's start. Slots [max(first, from_vals), 8) read this step's kv_score in vals.
+struct alignas(16) Ratio4Entry {
+  int first;      // 4 for window 0 (it has no previous window), else 0
+  int from_vals;  // 0..7
+  int vals_col;   // the vals column of slot 0's token (slot j: vals_col + j)
+  int request;    // counted from the group's first
+  int ring_row;   // slot 0's row in the request's state ring (slot j: (ring_row + j) & mask)
+  int unused[3];
+};
+
 // A pool item's request group: requests [first, first + requests) of its member, their
 // per-request values staged in shared memory once (so no dependent global load sits inside the
 // per-request loops), and the rows of x whose kv_score the item holds in `vals`.
@@ -514,6 +531,7 @@ struct Group {
   int* token_offset;    // [requests + 1]: rows of x
   int* entry_offset;    // [requests + 1]: entries
   int* entry_request;   // [the group's entries]: request, counted from the group's first
+  const Ratio4Entry* ratio4 = nullptr;  // [the group's entries], ratio 4 only
   int first = 0, requests = 0;
   int base = 0;    // first row of x held in vals: the group's first token, rounded down to 4
   int stride = 0;  // floats between the rows of two columns in vals; odd, so that consecutive
@@ -525,14 +543,17 @@ struct Group {
 };
 
 // Shared memory of a pool item: vals [64][stride <= vals_rows + 1] (FusedStep::vals_rows),
-// then the group's values.
+// then the group's values, then (16-aligned) its ratio-4 entries.
 __device__ __forceinline__ float* smem_vals(char* smem) { return reinterpret_cast<float*>(smem); }
 __host__ __device__ constexpr std::size_t pool_vals_bytes(int vals_rows) {
   return static_cast<std::size_t>(kFusedRowsPerBlock) * (vals_rows + 1) * 4;
 }
+__host__ __device__ constexpr std::size_t pool_ratio4_offset(int group_requests, int tokens_cap) {
+  return (static_cast<std::size_t>(group_requests) * 16 + static_cast<std::size_t>(group_requests + 1) * 8 +
+          static_cast<std::size_t>(tokens_cap) * 4 + 15) / 16 * 16;
+}
 __host__ __device__ constexpr std::size_t pool_group_bytes(int group_requests, int tokens_cap) {
-  return static_cast<std::size_t>(group_requests) * 16 + static_cast<std::size_t>(group_requests + 1) * 8 +
-         static_cast<std::size_t>(tokens_cap) * 4;
+  return pool_ratio4_offset(group_requests, tokens_cap) + static_cast<std::size_t>(tokens_cap) * sizeof(Ratio4Entry);
 }
 // The stash of a step of at most 8 tokens (8 requests at most: a request has a token at
 // least, Compressor::plan checks it), after the group's values:
@@ -550,80 +571,75 @@ constexpr std::size_t kStashRequestBytes = kStashBacks * 4 * 16 * 4;  // >= 3 x 
 constexpr int kStashMostRequests = 2;
 constexpr std::size_t kStashBytes = 8 * kStashRequestBytes + 8 * 16 * 4;
 
-// Ratio 4 (every CSA preset): the pooled value of channel d of window w, the 8 slots in closed
-// form with 32-bit index math (slot j < 4 is the previous window's token j on channel half 0,
-// slot j >= 4 the current window's token j - 4 on half 1, as window_slot says). The pooling
-// runs on few warps, so it is bound by the latency of its instructions: the index math
-// matters, and so does the order of the loads. Every global load (the state's rows, ape)
-// is issued first, into registers of the raw type (float or bf16 bits), and only then are
-// the values converted and merged: a value used inside the branch that loaded it makes the
-// warp wait right there, and the slots' loads would run one after another.
+// Ratio 4 (every CSA preset): the pooled value of channel d (dl within the item) of the
+// group's entry `el`, from its Ratio4Entry (slot j < 4 is the previous window's token j on
+// channel half 0, slot j >= 4 the current window's token j - 4 on half 1, as window_slot says).
+// The pooling runs on few warps, so it is bound by the latency of its instructions: the index
+// math matters (stage_plan did it), and so does the order of the loads. Every load is issued
+// first, into registers of the raw type (float or bf16 bits), and only then are the values
+// converted and pooled: a value used inside the branch that loaded it makes the warp wait right
+// there, and the slots' loads would run one after another. pool_ratio4_slots pools them as
+// pool_windows does, so both paths give identical bits for identical kv_score values.
 template <class StateT, bool kStash>
-__device__ float pool_ratio4(const CompressorConsts& c, const StateView& st, const float* vals, const Group& g, int r,
-                             std::int64_t w, int rb, int d) {
+__device__ float pool_ratio4(const FusedMember& mb, const float* vals, const Group& g, int el, int dl, int d) {
   constexpr int ch = channels_per_block(true);
-  const int hd = c.head_dim, dl = d - rb * ch, tok0 = g.token_offset[r] - g.base;
-  const std::int64_t start = g.start[r], p0 = (w - 1) * 4;  // the position of slot 0
-  const auto* ring = reinterpret_cast<const StateT*>(static_cast<const char*>(st.data) + g.slot[r] * st.slot_bytes);
-  const int mask = static_cast<int>(st.ring_rows) - 1, width = static_cast<int>(st.width);
-  const int first = w == 0 ? 4 : 0;
+  const CompressorConsts& c = mb.c;
+  const StateView& st = mb.st;
+  const Ratio4Entry e = g.ratio4[el];
+  const int hd = c.head_dim, half_rows = ch * g.stride;
+  // Zero-initialized: a raw value left unset where its slot reads vals would otherwise carry
+  // over from the previous pair of the thread's loop, and ptxas kept those in local memory.
   float ape[8];
-  StateT state_logit[8], state_value[8];
+  StateT state_logit[8] = {}, state_value[8] = {};
   if constexpr (kStash) {  // gathered into shared memory while the projection ran
-    const auto* rows = reinterpret_cast<const StateT*>(g.stash + r * kStashRequestBytes);
+    const StateT* rows = reinterpret_cast<const StateT*>(g.stash + e.request * kStashRequestBytes) + dl;
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-      const int h = j >> 2, back = static_cast<int>(start - (p0 + j));  // 1..7 where read
+      const int h = j >> 2, back = max(e.from_vals - j, 1);  // in the stash, whether read or not
       ape[j] = g.ape4[j * ch + dl];
-      if (j >= first && p0 + j < start) {
-        state_logit[j] = rows[((back - 1) * 4 + 2 + h) * ch + dl];
-        state_value[j] = rows[((back - 1) * 4 + h) * ch + dl];
-      }
+      state_logit[j] = rows[((back - 1) * 4 + 2 + h) * ch];
+      state_value[j] = rows[((back - 1) * 4 + h) * ch];
     }
   } else {
+    const auto* ring = reinterpret_cast<const StateT*>(static_cast<const char*>(st.data) + g.slot[e.request] * st.slot_bytes);
+    const int mask = static_cast<int>(st.ring_rows) - 1, width = static_cast<int>(st.width);
 #pragma unroll
     for (int j = 0; j < 8; ++j) {  // every global load first
       const int h = j >> 2;
       ape[j] = c.ape[(j & 3) * 2 * hd + h * hd + d];
-      if (j >= first && p0 + j < start) {
-        const StateT* row = ring + static_cast<int>((p0 + j) & mask) * width;
-        state_logit[j] = __ldcg(row + (2 + h) * hd + d);
-        state_value[j] = __ldcg(row + h * hd + d);
+      if (j >= e.first && j < e.from_vals) {
+        const StateT* row = ring + ((e.ring_row + j) & mask) * width + d;
+        state_logit[j] = __ldcg(row + (2 + h) * hd);
+        state_value[j] = __ldcg(row + h * hd);
       }
     }
   }
-  Softmax total;
+  // Slot j's value at v[h * half_rows + j], its logit two channel halves further; a slot that
+  // reads the state reads column 0 instead (in vals, ignored).
+  const float* v = vals + dl * g.stride;
+  float logit[8], value[8];
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
-    if (j < first) continue;
-    const int h = j >> 2;
-    float logit, value;
-    if (p0 + j >= start) {
-      const int t = tok0 + static_cast<int>(p0 + j - start);
-      logit = vals[((2 + h) * ch + dl) * g.stride + t];
-      value = vals[(h * ch + dl) * g.stride + t];
-    } else {
-      logit = to_float(state_logit[j]);
-      value = to_float(state_value[j]);
-    }
-    total.merge(Softmax{logit + ape[j], 1.0f, value});
+    const int h = j >> 2, col = max(e.vals_col + j, 0);
+    const bool from_state = j < e.from_vals;
+    logit[j] = (from_state ? to_float(state_logit[j]) : v[(2 + h) * half_rows + col]) + ape[j];
+    value[j] = from_state ? to_float(state_value[j]) : v[h * half_rows + col];
   }
-  return total.a / total.s;
+  return pool_ratio4_slots(logit, value, e.first == 0);
 }
 
-// The pooled value of channel d of the group's entry `el`: the same operations in the same
-// order as pool_windows, so both paths pool identical kv_score values to identical bits.
+// Ratio 128: the pooled value of channel d of the group's entry `el`, slot by slot, with the
+// same operations in the same order as pool_windows, so both paths pool identical kv_score
+// values to identical bits. With running state every slot is this step's, in shared memory;
+// with stored rows a window reads up to 127 rows one after another, which is why the automatic
+// choice leaves that case unfused.
 template <class StateT, bool kStash>
-__device__ float pool_channel(const FusedMember& mb, const float* vals, const Group& g, int rb, int el, int d) {
+__device__ float pool_ratio128(const FusedMember& mb, const float* vals, const Group& g, int rb, int el, int d) {
   const CompressorConsts& c = mb.c;
   const int r = g.entry_request[el];
   const std::int64_t start = g.start[r];
   const std::int64_t w = window_of(c, start) + (el - (g.entry_offset[r] - g.entry_offset[0]));
-  if (c.overlap && c.ratio == 4) return pool_ratio4<StateT, kStash>(c, mb.st, vals, g, r, w, rb, d);
-  // Other shapes (ratio 128; overlap at another ratio), slot by slot. With running state every
-  // slot is this step's, in shared memory; with stored rows a ratio-128 window reads up to 127
-  // rows one after another, which is why the automatic choice leaves that case unfused.
-  const int hd = c.head_dim, half = (c.overlap ? 2 : 1) * hd, tok0 = g.token_offset[r] - g.base;
+  const int hd = c.head_dim, tok0 = g.token_offset[r] - g.base;
   const char* slot = static_cast<const char*>(mb.st.data) + g.slot[r] * mb.st.slot_bytes;
   const auto* ring = reinterpret_cast<const StateT*>(slot);
   auto at = [&](std::int64_t position, int col) -> float {
@@ -633,20 +649,11 @@ __device__ float pool_channel(const FusedMember& mb, const float* vals, const Gr
   auto slot_at = [&](int j, float& logit, float& value) {
     const WindowSlot s = window_slot(c, w, j);
     const int vc = static_cast<int>(s.channel0) + d;
-    logit = at(s.position, half + vc) + c.ape[s.ape_row * half + vc];
+    logit = at(s.position, hd + vc) + c.ape[s.ape_row * hd + vc];
     value = at(s.position, vc);
   };
-  const int slots = c.overlap ? 2 * c.ratio : c.ratio;
-  int first = (c.overlap && w == 0) ? c.ratio : 0;
-  if (c.overlap) {  // pool_windows' one-slot groups, merged in slot order
-    Softmax total;
-    for (int j = first; j < slots; ++j) {
-      float logit, value;
-      slot_at(j, logit, value);
-      total.merge(Softmax{logit, 1.0f, value});
-    }
-    return total.a / total.s;
-  }
+  const int slots = c.ratio;
+  int first = 0;
   // pool_windows' 8 groups: group k takes slots first+k, first+k+8, ...; then merged in order.
   Softmax from_state;
   if (mb.st.running) {
@@ -701,8 +708,27 @@ __device__ Group stage_plan(const FusedStep& f, const FusedMember& mb, int group
   const int t0 = g.token_offset[0], t1 = g.token_offset[g.requests];
   g.base = t0 & ~3;
   g.stride = (((t1 + 3) & ~3) - g.base) | 1;
-  for (int k = threadIdx.x; k < g.requests; k += kFusedThreads)
-    for (int e = g.entry_offset[k]; e < g.entry_offset[k + 1]; ++e) g.entry_request[e - g.entry_offset[0]] = k;
+  auto* ratio4 = reinterpret_cast<Ratio4Entry*>(at + pool_ratio4_offset(mb.group_requests, f.tokens_cap));
+  g.ratio4 = ratio4;
+  const CompressorConsts& c = mb.c;
+  for (int k = threadIdx.x; k < g.requests; k += kFusedThreads) {
+    const std::int64_t start = g.start[k];
+    for (int e = g.entry_offset[k]; e < g.entry_offset[k + 1]; ++e) {
+      const int el = e - g.entry_offset[0];
+      g.entry_request[el] = k;
+      if (!c.overlap) continue;
+      // Window w completes in this step, so its last position 4w + 3 is at or after start:
+      // from_vals = start - 4(w - 1) is at most 7.
+      const std::int64_t w = window_of(c, start) + (e - g.entry_offset[k]), p0 = (w - 1) * 4;
+      Ratio4Entry entry{};
+      entry.first = w == 0 ? 4 : 0;
+      entry.from_vals = static_cast<int>(max(start - p0, std::int64_t{0}));
+      entry.vals_col = g.token_offset[k] - g.base + static_cast<int>(p0 - start);
+      entry.request = k;
+      entry.ring_row = static_cast<int>(p0 & (mb.st.ring_rows - 1));
+      ratio4[el] = entry;
+    }
+  }
   __syncthreads();
   return g;
 }
@@ -867,16 +893,26 @@ __device__ void pool_item(const FusedStep& f, int member, int rb_global, int rb,
   const CompressorConsts& c = mb.c;
   const int ch = channels_per_block(c.overlap), hd = c.head_dim;
   const int e0 = g.entry_offset[0], entries = g.entry_offset[g.requests] - e0;
-  // A thread per (entry, channel): its slots' loads are issued together (pool_channel).
-  const int pairs = entries * ch;
-  for (int idx = threadIdx.x; idx < pairs; idx += kFusedThreads) {
-    const int el = idx / ch, d = rb * ch + idx % ch;
-    // The store is the hand-off: the entry reads until its slots no longer hold the pending
-    // mark (load_pooled).
-    mb.pooled[static_cast<std::int64_t>(e0 + el) * hd + d] =
-        pooled_for_store(mb.st.dtype == DType::f32 ? pool_channel<float, kStash>(mb, vals, g, rb, el, d)
-                                                   : pool_channel<std::uint16_t, kStash>(mb, vals, g, rb, el, d));
-  }
+  // A thread per (entry, channel): its slots' loads are issued together (pool_ratio4).
+  auto pool_entries = [&](auto channels, auto pool) {
+    constexpr int ch = decltype(channels)::value;
+    for (int idx = threadIdx.x; idx < entries * ch; idx += kFusedThreads) {
+      const int el = idx / ch, dl = idx % ch, d = rb * ch + dl;
+      // The store is the hand-off: the entry reads until its slots no longer hold the pending
+      // mark (load_pooled).
+      mb.pooled[static_cast<std::int64_t>(e0 + el) * hd + d] = pooled_for_store(pool(el, dl, d));
+    }
+  };
+  const bool f32 = mb.st.dtype == DType::f32;
+  if (c.overlap)
+    pool_entries(std::integral_constant<int, channels_per_block(true)>{}, [&](int el, int dl, int d) {
+      return f32 ? pool_ratio4<float, kStash>(mb, vals, g, el, dl, d) : pool_ratio4<std::uint16_t, kStash>(mb, vals, g, el, dl, d);
+    });
+  else
+    pool_entries(std::integral_constant<int, channels_per_block(false)>{}, [&](int el, int, int d) {
+      return f32 ? pool_ratio128<float, kStash>(mb, vals, g, rb, el, d)
+                 : pool_ratio128<std::uint16_t, kStash>(mb, vals, g, rb, el, d);
+    });
   // Pooling has read the state these channels are about to overwrite. The state update is for
   // the next step only (it becomes visible when this kernel completes), so it stays off the
   // entries' path.

@@ -1,8 +1,9 @@
 // Gated softmax pooling of every completed window into pooled[entry, channel] (fp32). A block
 // covers one entry and a chunk of channels; warps read 32 consecutive channels of one row, so
-// every load is coalesced. 8 groups of threads each run an online softmax over a share of the
-// window's slots, merged in a fixed order (an HCA window's 128 slots are read by 8 blocks x 8
-// groups at once); ratio 4 with many entries instead has one thread per channel walk all 8.
+// every load is coalesced. Ratio 128: 8 groups of threads each run an online softmax over a
+// share of the window's slots, merged in a fixed order (an HCA window's 128 slots are read by 8
+// blocks x 8 groups at once). Ratio 4: group y reads slot y (with many entries one thread per
+// channel reads all 8) and the 8 slots are pooled in closed form.
 #include "cuda/device_utils.cuh"
 #include "cuda/kernels.hpp"
 #include "cuda/launch.cuh"
@@ -84,29 +85,40 @@ __global__ void __launch_bounds__(kChannels * kGroups) pool_windows_kernel(Compr
     logit = src.at(s.position, half + s.channel0 + d) + c.ape[s.ape_row * half + s.channel0 + d];
     value = src.at(s.position, s.channel0 + d);
   };
-  if (d < hd) {
+  if (c.overlap) {
+    // Ratio 4: each slot is gathered (one thread per channel, or group y holding slot y) and
+    // the 8 are pooled in closed form (pool_ratio4_slots), so both layouts give the same bits
+    // and the layout may depend on the batch without breaking the split invariance (SPEC
+    // section 3).
+    float logit[8] = {}, value[8] = {};
     if (groups == 1) {
-      // Ratio 4, many entries: one thread walks the 8 slots and merges them one by one in the
-      // order the groups below would be merged. A group holding one slot is exactly
-      // {logit, 1, value}, so both layouts give the same bits and the layout may depend on the
-      // batch without breaking the split invariance (SPEC section 3).
-      for (int j = first; j < slots; ++j) {
-        float logit, value;
-        slot_at(j, logit, value);
-        sm.merge(Softmax{logit, 1.0f, value});
-      }
-    } else {
-      for (int j = first + threadIdx.y; j < slots; j += groups) {
-        float logit, value;
-        slot_at(j, logit, value);
-        sm.add(logit, value);
-      }
+      if (d >= hd) return;
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+        if (j >= first) slot_at(j, logit[j], value[j]);
+      pooled[e * hd + d] = pooled_for_store(pool_ratio4_slots(logit, value, first == 0));
+      return;
     }
-  }
-  if (groups == 1) {
-    if (d < hd) pooled[e * hd + d] = pooled_for_store(sm.a / sm.s);
+    const int j = threadIdx.y;
+    if (d < hd && j >= first) {
+      slot_at(j, logit[0], value[0]);
+      partial[j * blockDim.x + threadIdx.x] = Softmax{logit[0], 1.0f, value[0]};
+    }
+    __syncthreads();
+    if (threadIdx.y == 0 && d < hd) {
+#pragma unroll
+      for (int k = 0; k < 8; ++k)
+        if (k >= first) logit[k] = partial[k * blockDim.x + threadIdx.x].m, value[k] = partial[k * blockDim.x + threadIdx.x].a;
+      pooled[e * hd + d] = pooled_for_store(pool_ratio4_slots(logit, value, first == 0));
+    }
     return;
   }
+  if (d < hd)
+    for (int j = first + threadIdx.y; j < slots; j += groups) {
+      float logit, value;
+      slot_at(j, logit, value);
+      sm.add(logit, value);
+    }
   partial[threadIdx.y * blockDim.x + threadIdx.x] = sm;
   __syncthreads();
   if (threadIdx.y == 0 && d < hd) {
