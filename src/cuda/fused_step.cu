@@ -506,19 +506,21 @@ __device__ void project_item(const FusedStep& f, const FusedMember& mb, int rb, 
   }
 }
 
-// What the ratio-4 pooling of one entry derives from the plan alone, worked out by stage_plan
-// (before the wait for the previous kernel in the fused step) so that after the wait only the
-// loads and the merges remain. The pooling of a decode step runs on one warp, where this index
-// chain (the entry's request, start and window, then each slot's source and offsets, in 64-bit
+// What the pooling of one entry derives from the plan alone, worked out by stage_plan (before
+// the wait for the previous kernel in the fused step) so that after the wait only the loads and
+// the merges remain. The pooling of a decode step runs on one warp, where this index chain (the
+// entry's request, start and window, then each slot's source and offsets, in 64-bit
 // arithmetic) took about 1 us of the step's critical path (docs/PERF.md, fourteenth pass).
-// Slots [first, from_vals) read the stored rows: slot j is from_vals - j positions before the
-// request's start. Slots [max(first, from_vals), 8) read this step's kv_score in vals.
-struct alignas(16) Ratio4Entry {
-  int first;      // 4 for window 0 (it has no previous window), else 0
-  int from_vals;  // 0..7
+// Ratio 4: slots [first, from_vals) read the stored rows (slot j is from_vals - j positions
+// before the request's start), slots [max(first, from_vals), 8) this step's kv_score in vals.
+// Ratio 128: slots before `first` are already in the state (running accumulators), slots
+// [first, 128) are this step's.
+struct alignas(16) PoolEntry {
+  int first;      // ratio 4: 4 for window 0 (it has no previous window), else 0
+  int from_vals;  // ratio 4: 0..7
   int vals_col;   // the vals column of slot 0's token (slot j: vals_col + j)
   int request;    // counted from the group's first
-  int ring_row;   // slot 0's row in the request's state ring (slot j: (ring_row + j) & mask)
+  int ring_row;   // ratio 4: slot 0's row in the request's state ring (slot j: (ring_row + j) & mask)
   int unused[3];
 };
 
@@ -531,7 +533,7 @@ struct Group {
   int* token_offset;    // [requests + 1]: rows of x
   int* entry_offset;    // [requests + 1]: entries
   int* entry_request;   // [the group's entries]: request, counted from the group's first
-  const Ratio4Entry* ratio4 = nullptr;  // [the group's entries], ratio 4 only
+  const PoolEntry* entry = nullptr;  // [the group's entries]
   int first = 0, requests = 0;
   int base = 0;    // first row of x held in vals: the group's first token, rounded down to 4
   int stride = 0;  // floats between the rows of two columns in vals; odd, so that consecutive
@@ -543,17 +545,17 @@ struct Group {
 };
 
 // Shared memory of a pool item: vals [64][stride <= vals_rows + 1] (FusedStep::vals_rows),
-// then the group's values, then (16-aligned) its ratio-4 entries.
+// then the group's values, then (16-aligned) its PoolEntry values.
 __device__ __forceinline__ float* smem_vals(char* smem) { return reinterpret_cast<float*>(smem); }
 __host__ __device__ constexpr std::size_t pool_vals_bytes(int vals_rows) {
   return static_cast<std::size_t>(kFusedRowsPerBlock) * (vals_rows + 1) * 4;
 }
-__host__ __device__ constexpr std::size_t pool_ratio4_offset(int group_requests, int tokens_cap) {
+__host__ __device__ constexpr std::size_t pool_entries_offset(int group_requests, int tokens_cap) {
   return (static_cast<std::size_t>(group_requests) * 16 + static_cast<std::size_t>(group_requests + 1) * 8 +
           static_cast<std::size_t>(tokens_cap) * 4 + 15) / 16 * 16;
 }
 __host__ __device__ constexpr std::size_t pool_group_bytes(int group_requests, int tokens_cap) {
-  return pool_ratio4_offset(group_requests, tokens_cap) + static_cast<std::size_t>(tokens_cap) * sizeof(Ratio4Entry);
+  return pool_entries_offset(group_requests, tokens_cap) + static_cast<std::size_t>(tokens_cap) * sizeof(PoolEntry);
 }
 // The stash of a step of at most 8 tokens (8 requests at most: a request has a token at
 // least, Compressor::plan checks it), after the group's values:
@@ -572,7 +574,7 @@ constexpr int kStashMostRequests = 2;
 constexpr std::size_t kStashBytes = 8 * kStashRequestBytes + 8 * 16 * 4;
 
 // Ratio 4 (every CSA preset): the pooled value of channel d (dl within the item) of the
-// group's entry `el`, from its Ratio4Entry (slot j < 4 is the previous window's token j on
+// group's entry `el`, from its PoolEntry (slot j < 4 is the previous window's token j on
 // channel half 0, slot j >= 4 the current window's token j - 4 on half 1, as window_slot says).
 // The pooling runs on few warps, so it is bound by the latency of its instructions: the index
 // math matters (stage_plan did it), and so does the order of the loads. Every load is issued
@@ -585,7 +587,7 @@ __device__ float pool_ratio4(const FusedMember& mb, const float* vals, const Gro
   constexpr int ch = channels_per_block(true);
   const CompressorConsts& c = mb.c;
   const StateView& st = mb.st;
-  const Ratio4Entry e = g.ratio4[el];
+  const PoolEntry e = g.entry[el];
   const int hd = c.head_dim, half_rows = ch * g.stride;
   // Zero-initialized: a raw value left unset where its slot reads vals would otherwise carry
   // over from the previous pair of the thread's loop, and ptxas kept those in local memory.
@@ -636,6 +638,39 @@ __device__ float pool_ratio4(const FusedMember& mb, const float* vals, const Gro
 template <class StateT, bool kStash>
 __device__ float pool_ratio128(const FusedMember& mb, const float* vals, const Group& g, int rb, int el, int d) {
   const CompressorConsts& c = mb.c;
+  if (mb.st.running && g.entry[el].first >= c.ratio - 8) {
+    // A decode step's window: the state holds all but its last 1..8 slots, so each of the 8
+    // groups below holds one slot at most. Straight-line, from the PoolEntry, the ape loads
+    // first; the same operations in the same order as the loop below (group 0 adds its slot
+    // to the state's accumulators, each later group's one-slot softmax is merged in turn).
+    const PoolEntry e = g.entry[el];
+    const int hd = c.head_dim, n = c.ratio - e.first;
+    float ape[8] = {};
+#pragma unroll
+    for (int k = 0; k < 8; ++k)
+      if (k < n) ape[k] = c.ape[(e.first + k) * hd + d];
+    Softmax total;
+    if constexpr (kStash) {
+      constexpr int ch = channels_per_block(false);
+      const float* acc = reinterpret_cast<const float*>(g.stash + e.request * kStashRequestBytes);
+      const int dl = d - rb * ch;
+      total = Softmax{acc[dl], acc[ch + dl], acc[2 * ch + dl]};
+    } else {
+      const float* acc = reinterpret_cast<const float*>(static_cast<const char*>(mb.st.data) + g.slot[e.request] * mb.st.slot_bytes);
+      total = Softmax{__ldcg(acc + d), __ldcg(acc + hd + d), __ldcg(acc + 2 * hd + d)};
+    }
+    const float* logits = vals + block_row(c, rb, hd + d) * g.stride + e.vals_col + e.first;
+    const float* values = vals + block_row(c, rb, d) * g.stride + e.vals_col + e.first;
+    total.add(logits[0] + ape[0], values[0]);
+#pragma unroll
+    for (int k = 1; k < 8; ++k) {
+      if (k >= n) break;
+      Softmax one;
+      one.add(logits[k] + ape[k], values[k]);
+      total.merge(one);
+    }
+    return total.a / total.s;
+  }
   const int r = g.entry_request[el];
   const std::int64_t start = g.start[r];
   const std::int64_t w = window_of(c, start) + (el - (g.entry_offset[r] - g.entry_offset[0]));
@@ -708,25 +743,32 @@ __device__ Group stage_plan(const FusedStep& f, const FusedMember& mb, int group
   const int t0 = g.token_offset[0], t1 = g.token_offset[g.requests];
   g.base = t0 & ~3;
   g.stride = (((t1 + 3) & ~3) - g.base) | 1;
-  auto* ratio4 = reinterpret_cast<Ratio4Entry*>(at + pool_ratio4_offset(mb.group_requests, f.tokens_cap));
-  g.ratio4 = ratio4;
+  auto* entries = reinterpret_cast<PoolEntry*>(at + pool_entries_offset(mb.group_requests, f.tokens_cap));
+  g.entry = entries;
   const CompressorConsts& c = mb.c;
   for (int k = threadIdx.x; k < g.requests; k += kFusedThreads) {
     const std::int64_t start = g.start[k];
+    const int tok0 = g.token_offset[k] - g.base;
     for (int e = g.entry_offset[k]; e < g.entry_offset[k + 1]; ++e) {
       const int el = e - g.entry_offset[0];
       g.entry_request[el] = k;
-      if (!c.overlap) continue;
-      // Window w completes in this step, so its last position 4w + 3 is at or after start:
-      // from_vals = start - 4(w - 1) is at most 7.
-      const std::int64_t w = window_of(c, start) + (e - g.entry_offset[k]), p0 = (w - 1) * 4;
-      Ratio4Entry entry{};
-      entry.first = w == 0 ? 4 : 0;
-      entry.from_vals = static_cast<int>(max(start - p0, std::int64_t{0}));
-      entry.vals_col = g.token_offset[k] - g.base + static_cast<int>(p0 - start);
+      const std::int64_t w = window_of(c, start) + (e - g.entry_offset[k]);
+      PoolEntry entry{};
       entry.request = k;
-      entry.ring_row = static_cast<int>(p0 & (mb.st.ring_rows - 1));
-      ratio4[el] = entry;
+      if (c.overlap) {
+        // Window w completes in this step, so its last position 4w + 3 is at or after start:
+        // from_vals = start - 4(w - 1) is at most 7.
+        const std::int64_t p0 = (w - 1) * 4;
+        entry.first = w == 0 ? 4 : 0;
+        entry.from_vals = static_cast<int>(max(start - p0, std::int64_t{0}));
+        entry.vals_col = tok0 + static_cast<int>(p0 - start);
+        entry.ring_row = static_cast<int>(p0 & (mb.st.ring_rows - 1));
+      } else {
+        const std::int64_t w0 = w * c.ratio;
+        entry.first = static_cast<int>(max(start - w0, std::int64_t{0}));
+        entry.vals_col = tok0 + static_cast<int>(w0 - start);
+      }
+      entries[el] = entry;
     }
   }
   __syncthreads();
