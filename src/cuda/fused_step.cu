@@ -720,9 +720,9 @@ __device__ float pool_ratio128(const FusedMember& mb, const float* vals, const G
   return total.a / total.s;
 }
 
-// Stages the group's per-request values in shared memory. The plan's arrays are written once,
-// when the plan is made, and never by a kernel, so this may run before the wait for the
-// previous kernel.
+// Stages the group's per-request values in shared memory, and from them each entry's
+// PoolEntry. The plan's arrays are written once, when the plan is made, and never by a
+// kernel, so this may run before the wait for the previous kernel.
 __device__ Group stage_plan(const FusedStep& f, const FusedMember& mb, int group, char* smem) {
   const DevicePlan& p = mb.p;
   Group g;
