@@ -638,6 +638,18 @@ __device__ float pool_ratio4(const FusedMember& mb, const float* vals, const Gro
 template <class StateT, bool kStash>
 __device__ float pool_ratio128(const FusedMember& mb, const float* vals, const Group& g, int rb, int el, int d) {
   const CompressorConsts& c = mb.c;
+  // Running state: request r's accumulators of channel d (the stash holds the item's channels).
+  auto state_accumulators = [&](int r) -> Softmax {
+    if constexpr (kStash) {
+      constexpr int ch = channels_per_block(false);
+      const float* acc = reinterpret_cast<const float*>(g.stash + r * kStashRequestBytes);
+      const int dl = d - rb * ch;
+      return Softmax{acc[dl], acc[ch + dl], acc[2 * ch + dl]};
+    } else {
+      const float* acc = reinterpret_cast<const float*>(static_cast<const char*>(mb.st.data) + g.slot[r] * mb.st.slot_bytes);
+      return Softmax{__ldcg(acc + d), __ldcg(acc + c.head_dim + d), __ldcg(acc + 2 * c.head_dim + d)};
+    }
+  };
   if (mb.st.running && g.entry[el].first >= c.ratio - 8) {
     // A decode step's window: the state holds all but its last 1..8 slots, so each of the 8
     // groups below holds one slot at most. Straight-line, from the PoolEntry, the ape loads
@@ -649,16 +661,7 @@ __device__ float pool_ratio128(const FusedMember& mb, const float* vals, const G
 #pragma unroll
     for (int k = 0; k < 8; ++k)
       if (k < n) ape[k] = c.ape[(e.first + k) * hd + d];
-    Softmax total;
-    if constexpr (kStash) {
-      constexpr int ch = channels_per_block(false);
-      const float* acc = reinterpret_cast<const float*>(g.stash + e.request * kStashRequestBytes);
-      const int dl = d - rb * ch;
-      total = Softmax{acc[dl], acc[ch + dl], acc[2 * ch + dl]};
-    } else {
-      const float* acc = reinterpret_cast<const float*>(static_cast<const char*>(mb.st.data) + g.slot[e.request] * mb.st.slot_bytes);
-      total = Softmax{__ldcg(acc + d), __ldcg(acc + hd + d), __ldcg(acc + 2 * hd + d)};
-    }
+    Softmax total = state_accumulators(e.request);
     const float* logits = vals + block_row(c, rb, hd + d) * g.stride + e.vals_col + e.first;
     const float* values = vals + block_row(c, rb, d) * g.stride + e.vals_col + e.first;
     total.add(logits[0] + ape[0], values[0]);
@@ -695,15 +698,7 @@ __device__ float pool_ratio128(const FusedMember& mb, const float* vals, const G
     const std::int64_t w0 = w * c.ratio;
     if (w0 < start) {
       first = static_cast<int>(start - w0);
-      if constexpr (kStash) {
-        constexpr int ch = channels_per_block(false);
-        const float* acc = reinterpret_cast<const float*>(g.stash + r * kStashRequestBytes);
-        const int dl = d - rb * ch;
-        from_state = Softmax{acc[dl], acc[ch + dl], acc[2 * ch + dl]};
-      } else {
-        const float* acc = reinterpret_cast<const float*>(slot);
-        from_state = Softmax{__ldcg(acc + d), __ldcg(acc + hd + d), __ldcg(acc + 2 * hd + d)};
-      }
+      from_state = state_accumulators(r);
     }
   }
   Softmax total;
