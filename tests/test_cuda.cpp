@@ -14,6 +14,7 @@
 
 #include "core/internal.hpp"
 #include "core/numerics.hpp"
+#include "cuda/fused_step.hpp"
 #include "cuda/projection.hpp"
 #include "io/safetensors.hpp"
 #include "support/files.hpp"
@@ -229,6 +230,16 @@ TEST_P(CudaFused, DecodeStepsMatchCpuAndSplitsAreBitIdentical) {
       EXPECT_EQ(chooser.plan(one, pool_a).fused(), spec.overlap() || ws == WindowState::running)
           << "and a step that completes none alike";
       EXPECT_FALSE(chooser.plan(many, pool_a).fused()) << "and leaves 200 tokens to the unfused path";
+      // Beyond 8 tokens, where fused steps multiply on wgmma, narrow projections stay fused:
+      // the indexer's 512 columns up to 64 tokens, HCA's 1024 (running state) up to 32.
+      const bool narrow_fuses = cuda::fused_multiplies_on_wgmma(0, spec.hidden) && (spec.overlap() || ws == WindowState::running);
+      const std::int64_t most = !narrow_fuses ? 8 : c.kind == CompressorKind::csa_indexer ? 64 : c.kind == CompressorKind::hca ? 32 : 8;
+      for (std::int64_t tokens : {16, 32, 64}) {
+        Batch wide;
+        wide.add(0, 0, tokens);
+        for (std::int64_t k = 0; k < windows_completed(0, tokens, spec.ratio); ++k) wide.cache_locations.push_back(k);
+        EXPECT_EQ(chooser.plan(wide, pool_a).fused(), tokens <= most) << tokens << " tokens";
+      }
     }
     // b decodes one token per sequence per step, at most 8 tokens a step (one 8-token tile, the
     // automatic choice's range), a's steps take up to 256 tokens in several passes of tiles.

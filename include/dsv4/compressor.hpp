@@ -63,7 +63,8 @@ enum class WindowState {
 enum class FusedDecode {
   automatic,  // fused where measured faster (docs/PERF.md): steps of at most 8 tokens at ratio 4
               // (CSA; a CSA layer's main and indexer in one launch, CompressorGroup), and at
-              // ratio 128 with WindowState::running (HCA)
+              // ratio 128 with WindowState::running (HCA); where fused steps multiply on wgmma
+              // (sm_90a, Flash's hidden), a CSA indexer alone up to 64 tokens and HCA up to 32
   always,     // fused for every supported step of at most 256 tokens (tests, benchmarks)
   off,        // always the unfused path: cuBLASLt projection, then the compress kernels
 };

@@ -41,8 +41,12 @@ std::shared_ptr<void> device_copy(int device, const std::vector<T>& host) {
   return p;
 }
 
-// The automatic choice takes the fused step up to this many tokens (fused_wins).
+// The automatic choice takes the fused step up to this many tokens (fused_wins)...
 constexpr std::int64_t kFusedAutoMaxTokens = 8;
+// ...and beyond, where the fused step multiplies on wgmma, for steps of at most this many
+// projection columns, up to this many columns x tokens.
+constexpr std::int64_t kFusedNarrowMaxColumns = 1024;
+constexpr std::int64_t kFusedNarrowMaxColumnTokens = 32768;
 
 // The automatic choice gives a ratio-128 compressor alone the compress step from this many
 // tokens (compress_step_alone).
@@ -146,6 +150,7 @@ class CudaBackend final : public Backend {
     consts_.norm = static_cast<const float*>(norm_.get());
     consts_.inv_freq = static_cast<const float*>(inv_freq_.get());
     pdl_ = dependent_launch_supported(device_);
+    wide_steps_on_wgmma_ = cuda::fused_multiplies_on_wgmma(device_, spec.hidden);
   }
 
   std::shared_ptr<void> allocate_zeroed(std::size_t bytes) const override {
@@ -188,7 +193,7 @@ class CudaBackend final : public Backend {
     const auto pooled_bytes = static_cast<std::size_t>(std::max<std::int64_t>(plan.num_entries(), 1) * spec_.head_dim) * 4;
     cp->pooled = device_alloc(device_, pooled_bytes);
     cuda_fill(device_, cp->pooled.get(), 0xff, pooled_bytes);
-    if (own_rows && fused_wins(plan)) {
+    if (own_rows && fused_wins(plan, spec_.projection_width())) {
       cp->fused = make_fused_plan(device_, {fused_member(*cp, wkv_gate_.get())}, plan.num_tokens(), spec_.hidden, false);
       plan.fused = true;
     } else if (own_rows) {
@@ -241,16 +246,17 @@ class CudaBackend final : public Backend {
   const CompressorSpec& spec() const { return spec_; }
   const void* projection_weights() const override { return wkv_gate_.get(); }
 
-  // Whether this plan runs faster as one fused launch (fused_step.hpp).
-  bool fused_wins(const detail::PlanData& plan) const {
+  // Whether this plan runs faster as one fused launch (fused_step.hpp), in a fused step of
+  // `step_columns` projection columns (this compressor's, or its group's).
+  bool fused_wins(const detail::PlanData& plan, std::int64_t step_columns) const {
     if (options_.fused_decode == FusedDecode::off) return false;
     if (plan.num_tokens() < 1 || plan.num_tokens() > cuda::kFusedMaxTokens) return false;
     // Measured on the H100 against the library's unfused path with the same state (docs/PERF.md,
     // 2026-11-24): up to 8 tokens the fused step wins at ratio 4 (Flash CSA main B=1 13.9
     // against 17.3 us, CSA layer 16.8 against 31) and at ratio 128 with running state, whether
     // a window completes or not (Flash HCA B=1 11.4 against 16.2, no window 9.9 against 10.7;
-    // Pro 14.9 against 20.5, no window 14.6 against 15.1); a compressor alone loses from 32
-    // tokens on. A CSA layer's group won at 32 tokens in a later run (Flash 27.6 against 31.3
+    // Pro 14.9 against 20.5, no window 14.6 against 15.1); a compressor alone lost from 32
+    // tokens on before the ring (below). A CSA layer's group won at 32 tokens in a later run (Flash 27.6 against 31.3
     // us, Pro 40.3 against 43.2; docs/perf/h100-2026-11-24e.json) but lost at 32 tokens when
     // no window completes (Flash 22.7 against 18.6, Pro 35.9 against 30.6;
     // docs/perf/h100-2026-11-24h.json), and 9-31 tokens are not measured, so the limit stays
@@ -261,9 +267,22 @@ class CudaBackend final : public Backend {
     // decode-partial CSA layer Flash B=1 11.4 against 14.1 us, B=8 11.5 against 15.1; Pro B=1
     // 19.0 against 19.9, B=8 19.6 against 20.9; Pro CSA main B=1 15.6 against 17.0). Ratio 128
     // with stored rows stays unfused (below).
-    if (options_.fused_decode == FusedDecode::automatic &&
-        (plan.num_tokens() > kFusedAutoMaxTokens || (!spec_.overlap() && options_.window_state != WindowState::running)))
-      return false;
+    // Since the ring (steps of more than 8 tokens on wgmma stream their weights once), a narrow
+    // projection wins fused beyond 8 tokens where the fused step multiplies on wgmma (Flash on
+    // sm_90a; Pro's wide steps run on mma.sync and lose): the cuBLASLt projection
+    // of 512 or 1024 columns keeps few blocks busy (docs/perf/h100-2026-11-25b.json, fused
+    // against the library's choice: Flash CSA indexer decode B=32 11.0 against 15.3 us, B=64
+    // 11.9 against 15.6, no window B=32 9.5 against 10.5, B=64 10.4 against 10.5, but B=128
+    // 17.2 against 19.3 with windows and 14.8 against 11.0 without; Flash HCA running decode
+    // B=32 13.8 against 16.2, no window 10.7 against 10.9, but B=64 14.5 against 15.7 with
+    // windows and 13.5 against 11.1 without). 9-31 tokens lie between measured wins. A CSA
+    // layer's 2560 columns lose from 32 tokens (20.0 against 19.0), CSA main alone too.
+    if (options_.fused_decode == FusedDecode::automatic) {
+      if (!spec_.overlap() && options_.window_state != WindowState::running) return false;
+      const bool narrow = step_columns <= kFusedNarrowMaxColumns &&
+                          step_columns * plan.num_tokens() <= kFusedNarrowMaxColumnTokens && wide_steps_on_wgmma_;
+      if (plan.num_tokens() > kFusedAutoMaxTokens && !narrow) return false;
+    }
     if (!cuda::fused_shape_supported(static_cast<int>(spec_.head_dim), spec_.hidden))
       return false;
     // Ratio 128 with stored rows pools up to 128 rows per entry, which the fused step reads
@@ -328,6 +347,7 @@ class CudaBackend final : public Backend {
   std::shared_ptr<void> ape_, norm_, inv_freq_;
   cuda::CompressorConsts consts_;
   bool pdl_ = false;  // programmatic dependent launches (sm_90 and later)
+  bool wide_steps_on_wgmma_ = false;  // fused steps multiply on wgmma (fused_multiplies_on_wgmma)
 };
 
 // x @ [w_1; w_2; ...]^T in one cuBLASLt call over the members' concatenated weights, or, for
@@ -353,7 +373,7 @@ class CudaGroupProjection final : public GroupProjection {
     std::vector<cuda::FusedMember> fm;
     std::int64_t row = 0;
     for (std::size_t k = 0; k < members_.size(); ++k) {
-      if (!members_[k]->fused_wins(*plans[k])) return nullptr;
+      if (!members_[k]->fused_wins(*plans[k], width_)) return nullptr;
       const auto& cp = *static_cast<const CudaPlan*>(plans[k]->backend_data.get());
       fm.push_back(members_[k]->fused_member(cp, static_cast<const char*>(w_.get()) + row * hidden_ * 2));
       row += members_[k]->spec().projection_width();

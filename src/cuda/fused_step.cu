@@ -23,10 +23,11 @@
 // As the unfused path's compress step (f.projected) there are no projection items: a pool
 // item reads its columns of the rows the cuBLASLt projection wrote instead of summing slices.
 #include <algorithm>
+#include <map>
+#include <mutex>
 #ifdef DSV4_FUSED_TIMELINE
 #include <cstdio>
 #include <cstdlib>
-#include <mutex>
 #include <type_traits>
 #include <vector>
 #endif
@@ -1260,7 +1261,64 @@ void attach_timeline(FusedStep& f, int blocks) {
 }
 #endif
 
+// Whether the code loaded for the current device was built for sm_90a (wgmma); a build for
+// sm_90 without its features runs the mma.sync path of every projection item.
+__global__ void report_wgmma_code(int* has) {
+#if defined(DSV4_HAVE_WGMMA)
+  *has = 1;
+#else
+  *has = 0;
+#endif
+}
+
+// report_wgmma_code's answer per device, asked once (a launch and a copy back): plans and the
+// automatic choice read it afterwards without touching the device.
+bool wgmma_code_loaded(int device) {
+  static std::mutex lock;
+  static std::map<int, bool> known;
+  const std::lock_guard<std::mutex> hold(lock);
+  if (const auto it = known.find(device); it != known.end()) return it->second;
+  const DeviceGuard guard(device);
+  int* flag = nullptr;
+  int has = 0;
+  DSV4_CUDA_CHECK(cudaMalloc(&flag, sizeof(int)));
+  report_wgmma_code<<<1, 1>>>(flag);
+  const cudaError_t launched = cudaGetLastError();
+  const cudaError_t copied = cudaMemcpy(&has, flag, sizeof has, cudaMemcpyDeviceToHost);
+  cudaFree(flag);
+  DSV4_CUDA_CHECK(launched);
+  DSV4_CUDA_CHECK(copied);
+  return known[device] = has == 1;
+}
+
+// The dynamic shared memory a block may take with kBlocksPerSm blocks an SM: static shared
+// memory is the same in every instance of the kernel.
+std::int64_t block_shared_budget(int device) {
+  int sm_bytes = 0, reserved = 0;
+  DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&sm_bytes, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
+  DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, device));
+  cudaFuncAttributes attributes{};
+  DSV4_CUDA_CHECK(cudaFuncGetAttributes(&attributes, fused_step_kernel<1, false, true, false>));
+  return sm_bytes / kBlocksPerSm - reserved - static_cast<std::int64_t>(attributes.sharedSizeBytes);
+}
+
 }  // namespace
+
+bool fused_multiplies_on_wgmma(int device, std::int64_t hidden) {
+  // wgmma (sm_90a) where a step of 8 tokens keeps every k block of its items in shared memory
+  // (Flash), mma.sync elsewhere: measured on the H100 (docs/PERF.md), wgmma with part of the
+  // weights fed from registers (Pro) was slower, since an async multiply holds its registers
+  // until it is done and the next loads wait for it.
+  int major = 0;
+  DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  if (major != 9 || hidden % (kFusedSlices * 32) != 0 || !wgmma_code_loaded(device)) return false;
+  FusedStep one;
+  one.hidden = static_cast<int>(hidden);
+  one.tokens_per_pass = 8;
+  one.wgmma = true;
+  const int ks = one.hidden / kFusedSlices;
+  return static_cast<std::int64_t>(projection_bytes(one, ks / 32)) <= block_shared_budget(device);
+}
 
 bool fused_shape_supported(int head_dim, std::int64_t hidden) {
   return hidden % (kFusedSlices * 32) == 0 && head_dim % 32 == 0 && head_dim <= kFinishMaxHeadDim;
@@ -1324,28 +1382,15 @@ int fused_prepare_launch(FusedStep& f, int device) {
     const std::int64_t span = static_cast<std::int64_t>(mb.group_requests) * mb.p.max_request_tokens + 6;
     f.vals_rows = std::max(f.vals_rows, static_cast<int>(std::min<std::int64_t>(f.tokens_cap, span)));
   }
-  int sm_bytes = 0, reserved = 0, optin = 0;
-  DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&sm_bytes, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
-  DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, device));
+  int optin = 0;
   DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   cudaFuncAttributes attributes{};  // static shared memory: the same in every instance
   DSV4_CUDA_CHECK(cudaFuncGetAttributes(&attributes, fused_step_kernel<1, false, true, false>));
-  const std::int64_t budget = sm_bytes / kBlocksPerSm - reserved - static_cast<std::int64_t>(attributes.sharedSizeBytes);
-  // wgmma (sm_90a) where a step of 8 tokens keeps every k block of its items in shared memory
-  // (Flash), mma.sync elsewhere: measured on the H100 (docs/PERF.md), wgmma with part of the
-  // weights fed from registers (Pro) was slower, since an async multiply holds its registers
-  // until it is done and the next loads wait for it. The choice depends on the shape and the
-  // device only, so a token's bits are the same in every step of a compressor.
+  const std::int64_t budget = block_shared_budget(device);
+  // The multiply's instructions depend on the shape, the device and the build only, so a
+  // token's bits are the same in every fused step of a compressor.
   const int ks = f.hidden / kFusedSlices;
-  int major = 0;
-  DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  f.wgmma = false;
-  if (!f.projected && major == 9) {
-    FusedStep one = f;
-    one.tokens_per_pass = 8;
-    one.wgmma = true;
-    f.wgmma = static_cast<std::int64_t>(projection_bytes(one, ks / 32)) <= budget;
-  }
+  f.wgmma = !f.projected && fused_multiplies_on_wgmma(device, f.hidden);
   // Tokens per pass. The compress step projects nothing: the one-tile instance, with nothing
   // staged. Steps of at most 8 tokens: one tile. Wider steps on wgmma stream their weights
   // with x through the ring, up to kRingMaxTokens a pass; on mma.sync as many tokens as fit
