@@ -256,11 +256,11 @@ class CudaBackend final : public Backend {
     // against 17.3 us, CSA layer 16.8 against 31) and at ratio 128 with running state, whether
     // a window completes or not (Flash HCA B=1 11.4 against 16.2, no window 9.9 against 10.7;
     // Pro 14.9 against 20.5, no window 14.6 against 15.1); a compressor alone lost from 32
-    // tokens on before the ring (below). A CSA layer's group won at 32 tokens in a later run (Flash 27.6 against 31.3
-    // us, Pro 40.3 against 43.2; docs/perf/h100-2026-11-24e.json) but lost at 32 tokens when
-    // no window completes (Flash 22.7 against 18.6, Pro 35.9 against 30.6;
-    // docs/perf/h100-2026-11-24h.json), and 9-31 tokens are not measured, so the limit stays
-    // at 8 for groups too. Steps that complete no window left the fused step for the unfused
+    // tokens on before the ring (below). A CSA layer's group won at 32 tokens in a later run
+    // (Flash 27.6 against 31.3 us, Pro 40.3 against 43.2; docs/perf/h100-2026-11-24e.json) but
+    // lost at 32 tokens when no window completes (Flash 22.7 against 18.6, Pro 35.9 against
+    // 30.6; docs/perf/h100-2026-11-24h.json), and 9-31 tokens are not measured, so the limit
+    // stays at 8 for groups too. Steps that complete no window left the fused step for the unfused
     // path (GEMM, then update_state) where the projection is wide (CSA main, a CSA layer's
     // group) until the fused step's projection items let the next kernel launch right after
     // their wait: since then the fused step wins those too (docs/perf/h100-2026-11-24t.json:
@@ -269,9 +269,9 @@ class CudaBackend final : public Backend {
     // with stored rows stays unfused (below).
     // Since the ring (steps of more than 8 tokens on wgmma stream their weights once), a narrow
     // projection wins fused beyond 8 tokens where the fused step multiplies on wgmma (Flash on
-    // sm_90a; Pro's wide steps run on mma.sync and lose): the cuBLASLt projection
-    // of 512 or 1024 columns keeps few blocks busy (docs/perf/h100-2026-11-25b.json, fused
-    // against the library's choice: Flash CSA indexer decode B=32 11.0 against 15.3 us, B=64
+    // sm_90a; Pro's wide steps run on mma.sync and lose): the cuBLASLt projection of 512 or
+    // 1024 columns keeps few blocks busy (docs/perf/h100-2026-11-25b.json, fused against the
+    // library's choice: Flash CSA indexer decode B=32 11.0 against 15.3 us, B=64
     // 11.9 against 15.6, no window B=32 9.5 against 10.5, B=64 10.4 against 10.5, but B=128
     // 17.2 against 19.3 with windows and 14.8 against 11.0 without; Flash HCA running decode
     // B=32 13.8 against 16.2, no window 10.7 against 10.9, but B=64 14.5 against 15.7 with
