@@ -154,6 +154,8 @@ struct MultiplyRow {
   double cycles_max = NAN;
   double worst_error = NAN;    // |result - fp64| / sum |products|, block 0
   bool same_bits_as_8_tokens = false;  // tokens 0-7 have the bits they have in an 8-token item
+  int same_bits_as_wgmma = -1;         // mma.sync rows: 1 / 0 where the wgmma row of the same
+                                       // tokens and grid ran, else -1 (JSON: true / false / null)
 };
 struct MultiplyReport : RunInfo {
   double sm_clock_mhz = 0;

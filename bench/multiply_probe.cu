@@ -9,9 +9,12 @@
 //    issued before their mma;
 //  - wgmma (sm_90a): the item as one warpgroup tile, A = the 64 weight rows and B = the tokens
 //    read by the tensor cores from shared memory, in the no-swizzle layout of 8-row x 16-byte
-//    core matrices (chunk-major: 16 bytes of k for every row, then the next 16).
+//    core matrices (chunk-major: 16 bytes of k for every row, then the next 16);
+//  - mma.sync in wgmma's arithmetic: k in its natural order, 16 a step, into one accumulator
+//    per tile (fragments read 4 bytes at a time), to learn whether it computes wgmma's bits.
 // Every result is checked against an fp64 product of the same bf16 inputs, and a token's
-// results must keep their bits whatever the number of tokens beside it (SPEC section 3).
+// results must keep their bits whatever the number of tokens beside it (SPEC section 3); every
+// mma.sync result is also compared bit for bit with wgmma's on the same grid.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -35,11 +38,12 @@ namespace {
 constexpr int kRows = 64, kSlice = 512, kKBlocks = kSlice / 32, kThreads = 128;
 constexpr int kXStride = kSlice + 32;  // the fused step's padded x row (elements)
 
-enum class Seq { one_block, grouped, wgmma };
+enum class Seq { one_block, grouped, natural, wgmma };
 const char* seq_label(Seq s) {
   switch (s) {
     case Seq::one_block: return "mma.sync, one k block at a time (fused step)";
     case Seq::grouped: return "mma.sync, loads of 4 or 2 k blocks first";
+    case Seq::natural: return "mma.sync, k in order, one accumulator";
     case Seq::wgmma: return "wgmma, one warpgroup tile";
   }
   return "?";
@@ -102,6 +106,28 @@ __global__ void __launch_bounds__(kThreads) multiply_item_kernel(const std::uint
 #pragma unroll
       for (int i = 0; i < 4; ++i) res[tile][i] = 0.0f;
 #endif
+  } else if constexpr (kSeq == Seq::natural) {
+    // The fragments of PTX mma.m16n8k16 as written: k step s takes k 16s..16s+15, lane (g, t)
+    // k 16s + 2t, +1, +8, +9 of weight rows g and g+8 and of token g of each tile.
+    float acc[kTiles][4] = {};
+    const int r0 = 16 * warp + g, r1 = r0 + 8;
+    auto pair = [](const std::uint16_t* p) { return *reinterpret_cast<const std::uint32_t*>(p); };
+    auto w_at = [&](int r, int k) { return a + 8 * staged_chunk(r, k / 8) + k % 8; };
+#pragma unroll 1
+    for (int s = 0; s < kSlice / 16; ++s) {
+      const int k = 16 * s + 2 * t;
+      const std::uint32_t a0 = pair(w_at(r0, k)), a1 = pair(w_at(r1, k)), a2 = pair(w_at(r0, k + 8)),
+                          a3 = pair(w_at(r1, k + 8));
+#pragma unroll
+      for (int tile = 0; tile < kTiles; ++tile) {
+        const std::uint16_t* xr = b + (tile * 8 + g) * kXStride;
+        dsv4::cuda::mma_bf16_16x8x16(acc[tile], a0, a1, a2, a3, pair(xr + k), pair(xr + k + 8));
+      }
+    }
+#pragma unroll
+    for (int tile = 0; tile < kTiles; ++tile)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) res[tile][i] = acc[tile][i];
   } else {
     // As in the fused step: lane (g, t) holds k 8t..8t+7 of weight rows g and g+8 and of token
     // g of each tile; two accumulators (first and second mma of each k block), added at the end.
@@ -202,19 +228,39 @@ bool same_first_tokens(const std::vector<float>& eight, const std::vector<float>
   return true;
 }
 
+// Block 0's results of every row of the report, in the report's order.
+using RowResults = std::vector<std::vector<float>>;
+
 template <Seq kSeq>
-void run_sequence(const Inputs& in, int sms, MultiplyReport& report) {
+void run_sequence(const Inputs& in, int sms, MultiplyReport& report, RowResults& results) {
   for (int per_sm : {1, 2}) {
     std::vector<float> eight, other;
     MultiplyRow r8 = run_one<8, kSeq>(in, sms, per_sm, &eight);
     r8.same_bits_as_8_tokens = true;
     report.rows.push_back(r8);
+    results.push_back(eight);
     MultiplyRow r32 = run_one<32, kSeq>(in, sms, per_sm, &other);
     r32.same_bits_as_8_tokens = std::isfinite(r32.cycles_median) && same_first_tokens(eight, other, 32);
     report.rows.push_back(r32);
+    results.push_back(other);
     MultiplyRow r64 = run_one<64, kSeq>(in, sms, per_sm, &other);
     r64.same_bits_as_8_tokens = std::isfinite(r64.cycles_median) && same_first_tokens(eight, other, 64);
     report.rows.push_back(r64);
+    results.push_back(other);
+  }
+}
+
+// Each mma.sync row against the wgmma row of the same tokens and grid, where both ran.
+void compare_with_wgmma(MultiplyReport& report, const RowResults& results) {
+  const std::string wgmma = seq_label(Seq::wgmma);
+  for (std::size_t i = 0; i < report.rows.size(); ++i) {
+    MultiplyRow& r = report.rows[i];
+    if (r.sequence == wgmma || !std::isfinite(r.cycles_median)) continue;
+    for (std::size_t j = 0; j < report.rows.size(); ++j) {
+      const MultiplyRow& w = report.rows[j];
+      if (w.sequence == wgmma && w.tokens == r.tokens && w.blocks_per_sm == r.blocks_per_sm && std::isfinite(w.cycles_median))
+        r.same_bits_as_wgmma = results[i] == results[j] ? 1 : 0;
+    }
   }
 }
 
@@ -236,16 +282,19 @@ MultiplyReport run_multiply_probe(const MultiplyOptions& o) {
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
   DSV4_CUDA_CHECK(cudaMemcpy(in.w.data(), in.dw.data(), in.w.size() * 2, cudaMemcpyDeviceToHost));
   DSV4_CUDA_CHECK(cudaMemcpy(in.x.data(), in.dx.data(), in.x.size() * 2, cudaMemcpyDeviceToHost));
-  run_sequence<Seq::one_block>(in, sms, report);
-  run_sequence<Seq::grouped>(in, sms, report);
-  run_sequence<Seq::wgmma>(in, sms, report);
+  RowResults results;
+  run_sequence<Seq::one_block>(in, sms, report, results);
+  run_sequence<Seq::grouped>(in, sms, report, results);
+  run_sequence<Seq::natural>(in, sms, report, results);
+  run_sequence<Seq::wgmma>(in, sms, report, results);
+  compare_with_wgmma(report, results);
 
   std::printf("dsv4-compressor bench-multiply on %s, commit %s, %s\n", report.device.c_str(), report.commit.c_str(),
               report.date.c_str());
   std::printf("one projection item's multiply: 64 weight rows x 512 of hidden x N tokens, operands in shared memory;\n"
               "cycles per block (median / max over the grid), error against fp64 over sum |products|\n\n");
-  std::printf("%-46s %6s %9s %17s %11s %s\n", "sequence", "tokens", "blocks/SM", "cycles", "worst err",
-              "tokens 0-7 as at N=8");
+  std::printf("%-46s %6s %9s %17s %11s %-20s %s\n", "sequence", "tokens", "blocks/SM", "cycles", "worst err",
+              "tokens 0-7 as at N=8", "as wgmma");
   for (const MultiplyRow& r : report.rows) {
     if (!std::isfinite(r.cycles_median)) {
       std::printf("%-46s %6d %9d %17s\n", r.sequence.c_str(), r.tokens, r.blocks_per_sm, "not in this build");
@@ -253,8 +302,9 @@ MultiplyReport run_multiply_probe(const MultiplyOptions& o) {
     }
     char cyc[32];
     std::snprintf(cyc, sizeof cyc, "%.0f / %.0f", r.cycles_median, r.cycles_max);
-    std::printf("%-46s %6d %9d %17s %11.2e %s\n", r.sequence.c_str(), r.tokens, r.blocks_per_sm, cyc, r.worst_error,
-                r.same_bits_as_8_tokens ? "same bits" : "DIFFERENT");
+    std::printf("%-46s %6d %9d %17s %11.2e %-20s %s\n", r.sequence.c_str(), r.tokens, r.blocks_per_sm, cyc, r.worst_error,
+                r.same_bits_as_8_tokens ? "same bits" : "DIFFERENT",
+                r.same_bits_as_wgmma < 0 ? "-" : r.same_bits_as_wgmma ? "same bits" : "different");
   }
   if (!o.json.empty()) write_multiply_json(report, o.json);
   return report;

@@ -246,7 +246,9 @@ void write_multiply_json(const MultiplyReport& r, const std::string& path) {
                          {"cycles_median", number(row.cycles_median)},
                          {"cycles_max", number(row.cycles_max)},
                          {"worst_error", number(row.worst_error)},
-                         {"same_bits_as_8_tokens", row.same_bits_as_8_tokens}});
+                         {"same_bits_as_8_tokens", row.same_bits_as_8_tokens},
+                         {"same_bits_as_wgmma", row.same_bits_as_wgmma < 0 ? nlohmann::ordered_json(nullptr)
+                                                                            : nlohmann::ordered_json(row.same_bits_as_wgmma == 1)}});
   write_json_file(j, path);
 }
 

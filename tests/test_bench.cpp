@@ -91,13 +91,19 @@ TEST(BenchCli, MultiplyProbeChecksItsResultsOrSaysWhyNot) {
     return;
   }
   const auto j = nlohmann::json::parse(test::read_bytes(json));
-  ASSERT_EQ(j["rows"].size(), 18u);  // 3 sequences x 8, 32, 64 tokens x 1, 2 blocks per SM
+  ASSERT_EQ(j["rows"].size(), 24u);  // 4 sequences x 8, 32, 64 tokens x 1, 2 blocks per SM
   int fused_rows = 0;
+  bool wgmma_ran = false;
+  for (const auto& row : j["rows"])
+    wgmma_ran |= row["sequence"].get<std::string>().find("wgmma") != std::string::npos && !row["cycles_median"].is_null();
   for (const auto& row : j["rows"]) {
+    const bool is_wgmma = row["sequence"].get<std::string>().find("wgmma") != std::string::npos;
     if (row["cycles_median"].is_null()) {  // wgmma where the build or device has none
-      EXPECT_NE(row["sequence"].get<std::string>().find("wgmma"), std::string::npos) << row.dump();
+      EXPECT_TRUE(is_wgmma) << row.dump();
       continue;
     }
+    // An mma.sync row says whether it has wgmma's bits wherever wgmma ran, and only there.
+    EXPECT_EQ(row["same_bits_as_wgmma"].is_boolean(), !is_wgmma && wgmma_ran) << row.dump();
     EXPECT_GT(row["cycles_median"].get<double>(), 0.0) << row.dump();
     EXPECT_LT(row["worst_error"].get<double>(), 1e-5) << row.dump();
     EXPECT_TRUE(row["same_bits_as_8_tokens"].get<bool>()) << row.dump();
