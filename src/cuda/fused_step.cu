@@ -77,20 +77,21 @@ __shared__ BlockStamps s_stamps;
 #endif
 
 constexpr int kWarps = kFusedThreads / 32;
-constexpr int kMaxTiles = 4;   // 8-token tiles per pass: at most 32 tokens per pass
 constexpr int kStagePace = 2;  // k blocks of staged weights per group of copies before the wait
 constexpr int kLoadBatch = 4;  // 32-wide k blocks per register buffer: 4 KB per warp, two buffers
 // Padding of a staged x row: 64 bytes, so that a row is 64 bytes past a multiple of 128 and
 // the 8 lanes of each phase of a 16-byte shared load (2 tokens x 4 k offsets) hit distinct banks.
 constexpr int kXPad = 32;
-// Steps of more than 8 tokens on wgmma (f.wgmma, the kMaxTiles instance built for sm_90a) stream
-// each projection item's weights and x through a ring of kRingSlots slots in shared memory,
-// one 64-wide k atom a slot: the atom's 64 weight rows (8 KiB), then its x for the pass's
-// tokens (128 bytes a token), both in the 128-byte swizzle layout. A pass takes up to
-// kRingMaxTokens tokens, so the weights of a step of up to 128 tokens are read once; staging
+// Steps of more than 8 tokens stream each projection item's weights and x through a ring of
+// kRingSlots slots in shared memory, one 64-wide k atom a slot: the atom's 64 weight rows
+// (8 KiB), then its x for the pass's tokens (128 bytes a token). On wgmma (f.wgmma) both are in
+// the 128-byte swizzle layout and a pass takes up to kRingMaxTokens tokens; on mma.sync in
+// staged_chunk's layout of two k blocks, up to kMmaRingMaxTokens (two accumulators per 8-token
+// tile in registers). So the weights of a step of up to 128 (64) tokens are read once; staging
 // them whole for every pass, as steps of at most 8 tokens do, leaves no room for x.
 constexpr int kRingSlots = 4;
 constexpr int kRingMaxTokens = 128;
+constexpr int kMmaRingMaxTokens = 64;
 // A ring pass's width: its tokens rounded up to 8 up to 32, else to 64 or 128 (one or two
 // wgmma instructions of 64 tokens side by side; the padded tokens are zero).
 __host__ __device__ constexpr int ring_width(int n) { return n <= 32 ? (n + 7) / 8 * 8 : n <= 64 ? 64 : 128; }
@@ -159,35 +160,44 @@ __device__ __forceinline__ void projection_wait(const FusedStep& f, bool& waited
   DSV4_STAMP(f, waited);
 }
 
-// One pass of a projection item on mma.sync (devices without wgmma): each warp its 16 rows
-// x `tiles` 8-token tiles, x staged by stage_x. Two accumulators per tile: the first mma of
-// every k block adds into one, the second into the other, and they are added at the end. Half
-// as long a chain of dependent mma (a one-token item is nothing else), the same order whatever
-// the batch.
-template <int kTiles, class Load>
-__device__ __forceinline__ void mma_sync_pass(const FusedStep& f, float* out, int pass0, int tiles,
-                                              const std::uint16_t* xs, const std::uint16_t* ws,
-                                              uint4 (&a)[kLoadBatch][2], uint4 (&b)[kLoadBatch][2], const Load& load) {
+// The mma.sync arithmetic of every projection item: a 32-wide k block in which lane (g, t)
+// holds k 8t..8t+7 of weight rows g (lo) and g + 8 (hi) and of token g (x). The first mma takes
+// k 8t..8t+3 into one accumulator, the second 8t+4..8t+7 into the other (half as long a chain
+// of dependent mma as one accumulator: a one-token item is nothing else). A and B use the same
+// k order, so this is the plain dot product in an order fixed by the k block alone.
+__device__ __forceinline__ void mma_k_block(float (&acc)[2][4], const uint4& lo, const uint4& hi, const uint4& x) {
+  mma_bf16_16x8x16(acc[0], lo.x, hi.x, lo.y, hi.y, x.x, x.y);
+  mma_bf16_16x8x16(acc[1], lo.z, hi.z, lo.w, hi.w, x.z, x.w);
+}
+// A warp's sums of one 8-token tile after its last k block (rows 16 warp + g and + 8, tokens
+// col + 2t and the next): the two accumulators added, into out[64][tokens_cap].
+__device__ __forceinline__ void store_tile_sums(const FusedStep& f, float* out, int col, const float (&acc)[2][4]) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  float* o = out + static_cast<std::int64_t>(16 * warp + g) * f.tokens_cap + col + 2 * t;
+  *reinterpret_cast<float2*>(o) = make_float2(acc[0][0] + acc[1][0], acc[0][1] + acc[1][1]);
+  *reinterpret_cast<float2*>(o + 8 * f.tokens_cap) = make_float2(acc[0][2] + acc[1][2], acc[0][3] + acc[1][3]);
+}
+
+// A projection item's multiply on mma.sync in a step of at most 8 tokens (devices without
+// wgmma, and Pro's hidden): each warp its 16 rows x one 8-token tile, x staged by stage_x,
+// the staged k blocks from shared memory, the others from the register buffers a and b
+// (refilled by `load`), all in k order (mma_k_block).
+template <class Load>
+__device__ __forceinline__ void mma_sync_pass(const FusedStep& f, float* out, const std::uint16_t* xs,
+                                              const std::uint16_t* ws, uint4 (&a)[kLoadBatch][2],
+                                              uint4 (&b)[kLoadBatch][2], const Load& load) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int ks = f.hidden / kFusedSlices, nblocks = ks / 32, stride = ks + kXPad, staged = f.staged_kblocks;
-  float acc[kTiles][2][4] = {};
+  float acc[2][4] = {};
   auto multiply_block = [&](const uint4& lo, const uint4& hi, int kb) {
-    const std::uint16_t* xk = xs + g * stride + kb * 32 + 8 * t;
-#pragma unroll
-    for (int tile = 0; tile < kTiles; ++tile) {
-      if (tile < tiles) {
-        const uint4 x = *reinterpret_cast<const uint4*>(xk + tile * 8 * stride);
-        mma_bf16_16x8x16(acc[tile][0], lo.x, hi.x, lo.y, hi.y, x.x, x.y);
-        mma_bf16_16x8x16(acc[tile][1], lo.z, hi.z, lo.w, hi.w, x.z, x.w);
-      }
-    }
+    mma_k_block(acc, lo, hi, *reinterpret_cast<const uint4*>(xs + g * stride + kb * 32 + 8 * t));
   };
   auto multiply = [&](const uint4 (&r)[kLoadBatch][2], int kb0) {
 #pragma unroll
     for (int j = 0; j < kLoadBatch; ++j)
       if (kb0 + j < nblocks) multiply_block(r[j][0], r[j][1], kb0 + j);
   };
-#pragma unroll(kTiles == 1 ? 4 : 1)  // registers to spare only with one tile
+#pragma unroll 4
   for (int kb = 0; kb < staged; ++kb) {
     const uint4 lo = *reinterpret_cast<const uint4*>(ws + 8 * staged_chunk(staged, 16 * warp + g, 4 * kb + t));
     const uint4 hi = *reinterpret_cast<const uint4*>(ws + 8 * staged_chunk(staged, 16 * warp + g + 8, 4 * kb + t));
@@ -200,15 +210,7 @@ __device__ __forceinline__ void mma_sync_pass(const FusedStep& f, float* out, in
     if (kb0 + 3 * kLoadBatch < nblocks) load(b, kb0 + 3 * kLoadBatch);
   }
   DSV4_STAMP(f, mark2);
-#pragma unroll
-  for (int tile = 0; tile < kTiles; ++tile) {
-    if (tile >= tiles) continue;
-    float* o = out + static_cast<std::int64_t>(16 * warp + g) * f.tokens_cap + pass0 + tile * 8 + 2 * t;
-    const float* u = acc[tile][0];
-    const float* v = acc[tile][1];
-    *reinterpret_cast<float2*>(o) = make_float2(u[0] + v[0], u[1] + v[1]);
-    *reinterpret_cast<float2*>(o + 8 * f.tokens_cap) = make_float2(u[2] + v[2], u[3] + v[3]);
-  }
+  store_tile_sums(f, out, 0, acc);
 }
 
 #if defined(DSV4_HAVE_WGMMA)
@@ -349,12 +351,64 @@ __device__ __forceinline__ void ring_pass(const FusedStep& f, float* out, int pa
   }
 }
 
-// A projection item of a step of more than 8 tokens on wgmma: rows of row block `rb` of member
-// `mb`, hidden slice `slice`, every token, in passes of up to kRingMaxTokens; fp32 partial
-// sums to out[64][tokens_cap], as project_item. The weights stream through the ring (see
-// kRingSlots) atom by atom with x: the first kRingSlots atoms' weights are copied before the
-// wait for the previous kernel (paced as project_item paces its staged weights), the rest of
-// the item's weights prefetched into L2.
+#endif  // DSV4_HAVE_WGMMA
+
+// One pass of a ring item on mma.sync (project_item_ring on devices without wgmma, and Pro's
+// hidden): tokens [pass0, pass0 + n) in tiles of 8, each warp its 16 rows, the item's k atoms
+// taken from the ring in order, two k blocks an atom. The same mma_k_block sequence from zero
+// as mma_sync_pass, so a token's partial sums are those a step of at most 8 tokens gives it.
+// `refill` as in ring_pass (the same ring, the same groups of copies).
+template <int kTiles, class Refill>
+__device__ __forceinline__ void ring_pass_mma_sync(const FusedStep& f, float* out, int pass0, int n, int atoms,
+                                                   int last_steps, const std::uint16_t* ring, int slot_elems,
+                                                   const Refill& refill) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int tiles = (n + 7) / 8;
+  float acc[kTiles][2][4] = {};
+  for (int a = 0; a < atoms; ++a) {
+    if (a < kRingSlots) cp_async_wait_pending<kRingSlots - 1>();
+    else cp_async_wait_pending<kRingSlots - 3>();
+    __syncthreads();  // atom a is in shared memory; every warp is done with atom a - 1
+    DSV4_STAMP(f, mark1);
+    refill(a);
+    const std::uint16_t* w = ring + (a % kRingSlots) * slot_elems;
+    const std::uint16_t* x = w + kFusedRowsPerBlock * 64;
+    const int kblocks = a == atoms - 1 ? last_steps / 2 : 2;
+#pragma unroll
+    for (int kb = 0; kb < 2; ++kb) {
+      if (kb >= kblocks) break;
+      const uint4 lo = *reinterpret_cast<const uint4*>(w + 8 * staged_chunk(2, 16 * warp + g, 4 * kb + t));
+      const uint4 hi = *reinterpret_cast<const uint4*>(w + 8 * staged_chunk(2, 16 * warp + g + 8, 4 * kb + t));
+#pragma unroll
+      for (int tile = 0; tile < kTiles; ++tile)
+        if (tile < tiles)
+          mma_k_block(acc[tile], lo, hi, *reinterpret_cast<const uint4*>(x + 8 * staged_chunk(2, 8 * tile + g, 4 * kb + t)));
+    }
+  }
+  DSV4_STAMP(f, mark2);
+#pragma unroll
+  for (int tile = 0; tile < kTiles; ++tile)
+    if (tile < tiles) store_tile_sums(f, out, pass0 + 8 * tile, acc[tile]);
+}
+
+// Where chunk c (16 bytes) of row r (a weight row, or a token after the slot's weight rows) of
+// one atom of the ring lies, in 16-byte units: wgmma's 128-byte swizzle, else the layout of
+// two staged k blocks, whose 8 lanes of a shared-load phase hit distinct banks.
+template <bool kWgmma>
+__device__ __forceinline__ int ring_unit(int r, int c) {
+#if defined(DSV4_HAVE_WGMMA)
+  if constexpr (kWgmma) return sw128_unit(r, c);
+#endif
+  return staged_chunk(2, r, c);
+}
+
+// A projection item of a step of more than 8 tokens: rows of row block `rb` of member `mb`,
+// hidden slice `slice`, every token, in passes of up to kRingMaxTokens (wgmma) or
+// kMmaRingMaxTokens (mma.sync); fp32 partial sums to out[64][tokens_cap], as project_item. The
+// weights stream through the ring (see kRingSlots) atom by atom with x: the first kRingSlots
+// atoms' weights are copied before the wait for the previous kernel (paced as project_item
+// paces its staged weights), the rest of the item's weights prefetched into L2.
+template <bool kWgmma>
 __device__ void project_item_ring(const FusedStep& f, const FusedMember& mb, int rb, int slice, float* out,
                                   std::uint16_t* ring, bool& waited) {
   const int ks = f.hidden / kFusedSlices, atoms = (ks + 63) / 64, last_steps = (ks - 64 * (atoms - 1)) / 16;
@@ -372,13 +426,13 @@ __device__ void project_item_ring(const FusedStep& f, const FusedMember& mb, int
     if (8 * c >= ks - 64 * a) return;  // ks a multiple of 32 but not of 64: half an atom
     std::uint16_t* dst = ring + (a % kRingSlots) * slot_elems;
 #pragma unroll
-    for (int j = 0; j < kFusedRowsPerBlock / 16; ++j) cp_async_16(dst + 8 * sw128_unit(r0 + 16 * j, c), w_row[j] + 64 * a, policy);
+    for (int j = 0; j < kFusedRowsPerBlock / 16; ++j) cp_async_16(dst + 8 * ring_unit<kWgmma>(r0 + 16 * j, c), w_row[j] + 64 * a, policy);
   };
   auto copy_x = [&](int a, int pass0, int n) {
     if (8 * c >= ks - 64 * a) return;
     std::uint16_t* dst = ring + (a % kRingSlots) * slot_elems + kFusedRowsPerBlock * 64;
     const std::uint16_t* src = f.x + static_cast<std::int64_t>(pass0) * f.hidden + slice * ks + 64 * a + 8 * c;
-    for (int tok = r0; tok < n; tok += 16) cp_async_16(dst + 8 * sw128_unit(tok, c), src + static_cast<std::int64_t>(tok) * f.hidden);
+    for (int tok = r0; tok < n; tok += 16) cp_async_16(dst + 8 * ring_unit<kWgmma>(tok, c), src + static_cast<std::int64_t>(tok) * f.hidden);
   };
   // One group per slot whatever the number of atoms, so that ring_pass's counts hold.
   auto copy_first_weights = [&](bool paced) {
@@ -392,8 +446,15 @@ __device__ void project_item_ring(const FusedStep& f, const FusedMember& mb, int
   if (atoms > kRingSlots && threadIdx.x < kFusedRowsPerBlock)
     prefetch_l2(item_w + static_cast<std::int64_t>(block_column(mb.c, rb, threadIdx.x)) * f.hidden + 64 * kRingSlots,
                 static_cast<unsigned>(ks - 64 * kRingSlots) * 2u, policy);
-  for (int pass0 = 0; pass0 < f.tokens; pass0 += f.tokens_per_pass) {
-    const int n = min(f.tokens_per_pass, f.tokens - pass0), width = ring_width(n);
+  // On mma.sync at most kMmaRingMaxTokens a pass (the host plans no more; a wgmma plan runs
+  // only where the loaded code has wgmma, fused_multiplies_on_wgmma, but would be right here).
+#if defined(DSV4_HAVE_WGMMA)
+  const int pass_tokens = kWgmma ? f.tokens_per_pass : min(f.tokens_per_pass, kMmaRingMaxTokens);
+#else
+  const int pass_tokens = min(f.tokens_per_pass, kMmaRingMaxTokens);
+#endif
+  for (int pass0 = 0; pass0 < f.tokens; pass0 += pass_tokens) {
+    const int n = min(pass_tokens, f.tokens - pass0), width = ring_width(n);
     if (pass0 > 0) {
       __syncthreads();  // every warp is done with the ring (the last pass waited for its multiply)
       copy_first_weights(false);
@@ -403,7 +464,7 @@ __device__ void project_item_ring(const FusedStep& f, const FusedMember& mb, int
     const int pad = (width - n) * 8;
     for (int idx = threadIdx.x; idx < kRingSlots * pad; idx += kFusedThreads) {
       const int s = idx / pad, tok = n + idx % pad / 8;
-      *reinterpret_cast<uint4*>(ring + s * slot_elems + kFusedRowsPerBlock * 64 + 8 * sw128_unit(tok, idx % 8)) =
+      *reinterpret_cast<uint4*>(ring + s * slot_elems + kFusedRowsPerBlock * 64 + 8 * ring_unit<kWgmma>(tok, idx % 8)) =
           make_uint4(0, 0, 0, 0);
     }
     for (int a = 0; a < kRingSlots; ++a) {
@@ -415,31 +476,33 @@ __device__ void project_item_ring(const FusedStep& f, const FusedMember& mb, int
       if (a >= 2 && next < atoms) copy_weights(next), copy_x(next, pass0, n);
       cp_async_commit();
     };
-    switch (width) {
-      case 8: ring_pass<8>(f, out, pass0, n, atoms, last_steps, ring, slot_elems, refill); break;
-      case 16: ring_pass<16>(f, out, pass0, n, atoms, last_steps, ring, slot_elems, refill); break;
-      case 24: ring_pass<24>(f, out, pass0, n, atoms, last_steps, ring, slot_elems, refill); break;
-      case 32: ring_pass<32>(f, out, pass0, n, atoms, last_steps, ring, slot_elems, refill); break;
-      case 64: ring_pass<64>(f, out, pass0, n, atoms, last_steps, ring, slot_elems, refill); break;
-      default: ring_pass<128>(f, out, pass0, n, atoms, last_steps, ring, slot_elems, refill); break;
+#if defined(DSV4_HAVE_WGMMA)
+    if constexpr (kWgmma) {
+      switch (width) {
+        case 8: ring_pass<8>(f, out, pass0, n, atoms, last_steps, ring, slot_elems, refill); break;
+        case 16: ring_pass<16>(f, out, pass0, n, atoms, last_steps, ring, slot_elems, refill); break;
+        case 24: ring_pass<24>(f, out, pass0, n, atoms, last_steps, ring, slot_elems, refill); break;
+        case 32: ring_pass<32>(f, out, pass0, n, atoms, last_steps, ring, slot_elems, refill); break;
+        case 64: ring_pass<64>(f, out, pass0, n, atoms, last_steps, ring, slot_elems, refill); break;
+        default: ring_pass<128>(f, out, pass0, n, atoms, last_steps, ring, slot_elems, refill); break;
+      }
+      continue;
     }
+#endif
+    if (width <= 32) ring_pass_mma_sync<4>(f, out, pass0, n, atoms, last_steps, ring, slot_elems, refill);
+    else ring_pass_mma_sync<8>(f, out, pass0, n, atoms, last_steps, ring, slot_elems, refill);
   }
 }
-#endif
 
-// One projection item: rows of row block `rb` of member `mb`, hidden slice `slice`, every
-// token; fp32 partial sums to out[64][tokens_cap]. In a 32-wide k block, lane (g, t) holds
-// k 8t..8t+7 of weight rows g and g+8 and of token g; the two mma instructions take k
-// 8t..8t+3 and 8t+4..8t+7. A and B use the same k order, so this is the plain dot product in
-// an order fixed by the slice alone.
+// A projection item of a step of at most 8 tokens: rows of row block `rb` of member `mb`,
+// hidden slice `slice`, every token; fp32 partial sums to out[64][tokens_cap] (on mma.sync in
+// mma_k_block's order, on wgmma in k's natural order).
 //
 // The first f.staged_kblocks k blocks of the item's weights are copied to shared memory `ws`
-// before the wait for the previous kernel and serve every pass; the rest stream through two
-// register buffers (the first two loaded before the wait, the others prefetched into L2 before
-// it). The k blocks are multiplied in k order either way, so the sums do not depend on how
-// many k blocks were staged. That describes the mma.sync pass (mma_sync_pass); the wgmma pass
-// (wgmma_pass) takes k in its natural order, the same whatever is staged too.
-template <int kTiles, bool kWgmma>
+// before the wait for the previous kernel; the rest stream through two register buffers (the
+// first two loaded before the wait, the others prefetched into L2 before it). The k blocks are
+// multiplied in k order either way, so the sums do not depend on how many k blocks were staged.
+template <bool kWgmma>
 __device__ void project_item(const FusedStep& f, const FusedMember& mb, int rb, int slice, float* out,
                              std::uint16_t* xs, std::uint16_t* ws, bool& waited) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -472,39 +535,32 @@ __device__ void project_item(const FusedStep& f, const FusedMember& mb, int rb, 
   const std::int64_t row = block_column(mb.c, rb, 16 * warp) + g;
   const std::uint16_t* w0 = item_w + row * f.hidden + 8 * t;
   const std::uint16_t* w8 = w0 + 8 * static_cast<std::int64_t>(f.hidden);
-  // A wgmma plan's passes may be wider than mma.sync takes (project_item_ring): a build
-  // without sm_90a code runs them in passes of at most kTiles tiles.
-  const int pass_tokens = kTiles == 1 ? f.tokens_per_pass : min(f.tokens_per_pass, 8 * kTiles);
-  for (int pass0 = 0; pass0 < f.tokens; pass0 += pass_tokens) {
-    const int n = min(pass_tokens, f.tokens - pass0), tiles = (n + 7) / 8;
-    // Two register buffers of kLoadBatch k blocks: one is loading while the other is used.
-    uint4 a[kLoadBatch][2], b[kLoadBatch][2];
-    auto load = [&](uint4 (&r)[kLoadBatch][2], int kb0) {
+  // Two register buffers of kLoadBatch k blocks: one is loading while the other is used.
+  uint4 a[kLoadBatch][2], b[kLoadBatch][2];
+  auto load = [&](uint4 (&r)[kLoadBatch][2], int kb0) {
 #pragma unroll
-      for (int j = 0; j < kLoadBatch; ++j)
-        if (kb0 + j < nblocks) r[j][0] = load_once(w0 + (kb0 + j) * 32, policy), r[j][1] = load_once(w8 + (kb0 + j) * 32, policy);
-    };
-    // Both buffers load before the wait for the previous kernel (programmatic dependent
-    // launch), as do the staged k blocks: the weights stream during that kernel's tail.
-    load(a, staged);
-    load(b, staged + kLoadBatch);
-    projection_wait(f, waited);
-    __syncthreads();  // the previous pass or item is done with xs
+    for (int j = 0; j < kLoadBatch; ++j)
+      if (kb0 + j < nblocks) r[j][0] = load_once(w0 + (kb0 + j) * 32, policy), r[j][1] = load_once(w8 + (kb0 + j) * 32, policy);
+  };
+  // Both buffers load before the wait for the previous kernel (programmatic dependent
+  // launch), as do the staged k blocks: the weights stream during that kernel's tail.
+  load(a, staged);
+  load(b, staged + kLoadBatch);
+  projection_wait(f, waited);
+  __syncthreads();  // the previous item is done with xs
 #if defined(DSV4_HAVE_WGMMA)
-    if constexpr (kWgmma) {  // steps of at most 8 tokens (wider ones: project_item_ring)
-      static_assert(kTiles == 1, "wider wgmma steps take the ring");
-      stage_x_wgmma(f, pass0, n, 8 * tiles, slice, xs);
-      __syncthreads();
-      DSV4_STAMP(f, mark1);
-      wgmma_pass<8>(f, out, pass0, xs, ws, a, b, load);
-      continue;
-    }
-#endif
-    stage_x(f, pass0, n, slice, xs, ks + kXPad);  // also waits for this thread's staged weights
+  if constexpr (kWgmma) {
+    stage_x_wgmma(f, 0, f.tokens, 8, slice, xs);
     __syncthreads();
     DSV4_STAMP(f, mark1);
-    mma_sync_pass<kTiles>(f, out, pass0, tiles, xs, ws, a, b, load);
+    wgmma_pass<8>(f, out, 0, xs, ws, a, b, load);
+    return;
   }
+#endif
+  stage_x(f, 0, f.tokens, slice, xs, ks + kXPad);  // also waits for this thread's staged weights
+  __syncthreads();
+  DSV4_STAMP(f, mark1);
+  mma_sync_pass(f, out, xs, ws, a, b, load);
 }
 
 // What the pooling of one entry derives from the plan alone, worked out by stage_plan (before
@@ -1009,27 +1065,29 @@ __device__ void pool_item(const FusedStep& f, int member, int rb_global, int rb,
   DSV4_STAMP(f, mark3);
 }
 
-// Shared memory of a projection item: x of one pass, then the staged weights. mma.sync: x rows
-// of at most kMaxTiles tiles padded by kXPad, the weights 128-aligned after them, 4 KiB a k
-// block. wgmma (f.wgmma): from the first 1024-aligned byte (up to 1008 bytes in), in steps of
-// at most 8 tokens x in 128-byte swizzle atoms of 8 rows per 64 k, then the weights in atoms of
-// 8 KiB per 2 k blocks; in wider steps the ring (kRingSlots). With f.wgmma the host sizes for
-// the larger of the two: a build without sm_90a code runs mma.sync on the same plan.
+// Shared memory of a projection item. Steps of at most 8 tokens: x, then the staged weights;
+// on mma.sync x rows of 8 tokens padded by kXPad, the weights 128-aligned after them, 4 KiB a
+// k block; on wgmma (f.wgmma) from the first 1024-aligned byte (up to 1008 bytes in), x in a
+// 128-byte swizzle atom of 8 rows per 64 k, then the weights in atoms of 8 KiB per 2 k blocks.
+// With f.wgmma the host sizes for the larger of the two: a build without sm_90a code runs
+// mma.sync on the same plan. Wider steps: the ring (kRingSlots), 1024-aligned on wgmma.
 __host__ __device__ constexpr std::size_t staged_weights_offset(const FusedStep& f) {
   if (f.projected) return 0;  // the compress step stages neither x nor weights
-  const int tokens = f.tokens_per_pass < kMaxTiles * 8 ? f.tokens_per_pass : kMaxTiles * 8;
-  const std::size_t x_bytes = static_cast<std::size_t>(tokens) * (f.hidden / kFusedSlices + kXPad) * 2;
+  const std::size_t x_bytes = static_cast<std::size_t>(8) * (f.hidden / kFusedSlices + kXPad) * 2;
   return (x_bytes + 127) / 128 * 128;
 }
 __host__ __device__ constexpr std::size_t wgmma_x_bytes(const FusedStep& f) {
   return static_cast<std::size_t>((f.hidden / kFusedSlices + 63) / 64) * f.tokens_per_pass * 128;
 }
-__host__ __device__ constexpr bool uses_ring(const FusedStep& f) { return f.wgmma && f.tokens_per_pass > 8; }
+__host__ __device__ constexpr bool uses_ring(const FusedStep& f) { return !f.projected && f.tokens_per_pass > 8; }
 __host__ __device__ constexpr std::size_t projection_bytes(const FusedStep& f, int staged) {
   if (f.projected) return 0;
+  if (uses_ring(f)) {
+    const std::size_t ring = static_cast<std::size_t>(kRingSlots) * ring_slot_elems(ring_width(f.tokens_per_pass)) * 2;
+    return f.wgmma ? 1024 + ring : ring;
+  }
   const std::size_t mma_sync = staged_weights_offset(f) + static_cast<std::size_t>(staged) * 4096;
-  const std::size_t wgmma = uses_ring(f) ? 1024 + static_cast<std::size_t>(kRingSlots) * ring_slot_elems(ring_width(f.tokens_per_pass)) * 2
-                                         : 1024 + wgmma_x_bytes(f) + static_cast<std::size_t>((staged + 1) / 2) * 8192;
+  const std::size_t wgmma = 1024 + wgmma_x_bytes(f) + static_cast<std::size_t>((staged + 1) / 2) * 8192;
   return f.wgmma && wgmma > mma_sync ? wgmma : mma_sync;
 }
 // Where a projection item's x (xs) and staged weights (ws) lie in the dynamic shared memory.
@@ -1069,9 +1127,10 @@ __device__ void leave_counters(const FusedStep& f) {
   if (atomicAdd(&f.counters[kCounterExits], 1u) == gridDim.x - 1) reset_counters(f);
 }
 
-// kTiles: 8-token tiles a pass holds at most (1 for steps of up to 8 tokens: fewer registers
-// and a shorter instruction stream on the decode path that matters most; else kMaxTiles).
-// kStash (one tile only): pool items gather their state into shared memory right after the
+// kRing: steps of more than 8 tokens, whose projection items stream through the ring
+// (project_item_ring); else one 8-token tile (project_item: fewer registers and a shorter
+// instruction stream on the decode path that matters most).
+// kStash (steps of at most 8 tokens): pool items gather their state into shared memory right after the
 // wait (stash_pool_inputs), for steps whose items all have a block from the start, so that
 // the copies overlap the projection. Measured on the H100 (docs/PERF.md): Flash CSA layer
 // decode B=1 15.4 -> 14.6 us; in steps with more items than blocks (B=8: pool items taken
@@ -1081,7 +1140,7 @@ __device__ void leave_counters(const FusedStep& f) {
 // kWgmma (f.wgmma): projection items multiply on wgmma where the build has sm_90a code (else
 // the instance runs mma.sync on the same plan). An instance of its own rather than a branch:
 // both paths in one kernel spilled and slowed every step by 1-4 us (H100).
-template <int kTiles, bool kStash, bool kProject, bool kWgmma>
+template <bool kRing, bool kStash, bool kProject, bool kWgmma>
 __global__ void __launch_bounds__(kFusedThreads, kProject ? kBlocksPerSm : kCompressBlocksPerSm)
     fused_step_kernel(const __grid_constant__ FusedStep f) {
   extern __shared__ uint4 smem[];
@@ -1112,11 +1171,8 @@ __global__ void __launch_bounds__(kFusedThreads, kProject ? kBlocksPerSm : kComp
         const FusedMember& mb = f.m[m];
         const int rb = rb_global - mb.first_row_block;
         float* out = f.partials + (static_cast<std::int64_t>(rb_global) * kFusedSlices + slice) * kFusedRowsPerBlock * f.tokens_cap;
-#if defined(DSV4_HAVE_WGMMA)
-        if constexpr (kWgmma && kTiles > 1) project_item_ring(f, mb, rb, slice, out, xs, waited);
-        else
-#endif
-          project_item<kTiles, kWgmma>(f, mb, rb, slice, out, xs, ws, waited);
+        if constexpr (kRing) project_item_ring<kWgmma>(f, mb, rb, slice, out, xs, waited);
+        else project_item<kWgmma>(f, mb, rb, slice, out, xs, ws, waited);
         __syncthreads();  // every thread's partial sums are written; one release publishes them
         if (threadIdx.x == 0) add_release(&counters[kCounterRowBlocks + rb_global], 1u);
       }
@@ -1198,18 +1254,17 @@ __global__ void __launch_bounds__(kFusedThreads, kProject ? kBlocksPerSm : kComp
   if (threadIdx.x == 0 && !left) leave_counters(f);
 }
 
-// The kernel instance for a step: the compress step's; else one 8-token tile per pass when the
-// step has at most 8 tokens, each on wgmma or mma.sync as f.wgmma says (wider wgmma steps: the
-// ring).
+// The kernel instance for a step: the compress step's; else the ring for steps of more than 8
+// tokens, one 8-token tile for the others, each on wgmma or mma.sync as f.wgmma says.
 using FusedKernel = void (*)(FusedStep);
 FusedKernel kernel_for(const FusedStep& f) {
-  if (f.projected) return fused_step_kernel<1, false, false, false>;
+  if (f.projected) return fused_step_kernel<false, false, false, false>;
   if (f.wgmma) {
-    if (f.tokens_per_pass > 8) return fused_step_kernel<kMaxTiles, false, true, true>;
-    return f.stash ? fused_step_kernel<1, true, true, true> : fused_step_kernel<1, false, true, true>;
+    if (uses_ring(f)) return fused_step_kernel<true, false, true, true>;
+    return f.stash ? fused_step_kernel<false, true, true, true> : fused_step_kernel<false, false, true, true>;
   }
-  if (f.tokens_per_pass > 8) return fused_step_kernel<kMaxTiles, false, true, false>;
-  return f.stash ? fused_step_kernel<1, true, true, false> : fused_step_kernel<1, false, true, false>;
+  if (uses_ring(f)) return fused_step_kernel<true, false, true, false>;
+  return f.stash ? fused_step_kernel<false, true, true, false> : fused_step_kernel<false, false, true, false>;
 }
 
 std::size_t shared_bytes(const FusedStep& f) {
@@ -1298,7 +1353,7 @@ std::int64_t block_shared_budget(int device) {
   DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&sm_bytes, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
   DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, device));
   cudaFuncAttributes attributes{};
-  DSV4_CUDA_CHECK(cudaFuncGetAttributes(&attributes, fused_step_kernel<1, false, true, false>));
+  DSV4_CUDA_CHECK(cudaFuncGetAttributes(&attributes, fused_step_kernel<false, false, true, false>));
   return sm_bytes / kBlocksPerSm - reserved - static_cast<std::int64_t>(attributes.sharedSizeBytes);
 }
 
@@ -1385,20 +1440,17 @@ int fused_prepare_launch(FusedStep& f, int device) {
   int optin = 0;
   DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   cudaFuncAttributes attributes{};  // static shared memory: the same in every instance
-  DSV4_CUDA_CHECK(cudaFuncGetAttributes(&attributes, fused_step_kernel<1, false, true, false>));
+  DSV4_CUDA_CHECK(cudaFuncGetAttributes(&attributes, fused_step_kernel<false, false, true, false>));
   const std::int64_t budget = block_shared_budget(device);
   // The multiply's instructions depend on the shape, the device and the build only, so a
   // token's bits are the same in every fused step of a compressor.
   const int ks = f.hidden / kFusedSlices;
   f.wgmma = !f.projected && fused_multiplies_on_wgmma(device, f.hidden);
   // Tokens per pass. The compress step projects nothing: the one-tile instance, with nothing
-  // staged. Steps of at most 8 tokens: one tile. Wider steps on wgmma stream their weights
-  // with x through the ring, up to kRingMaxTokens a pass; on mma.sync as many tokens as fit
-  // 72 KiB of staged x, in 8-token tiles (32 for either model).
-  const int fit = (72 * 1024 / ((ks + kXPad) * 2)) / 8 * 8;
+  // staged. Steps of at most 8 tokens: one tile. Wider steps stream their weights with x
+  // through the ring, up to kRingMaxTokens a pass on wgmma, kMmaRingMaxTokens on mma.sync.
   if (f.projected || f.tokens_cap <= 8) f.tokens_per_pass = 8;
-  else if (f.wgmma) f.tokens_per_pass = std::min(kRingMaxTokens, f.tokens_cap);
-  else f.tokens_per_pass = std::max(8, std::min({kMaxTiles * 8, f.tokens_cap, fit}));
+  else f.tokens_per_pass = std::min(f.wgmma ? kRingMaxTokens : kMmaRingMaxTokens, f.tokens_cap);
   // Pool items gather their state ahead of the slices where every item has a block from the
   // start (fused_step_kernel's kStash) and a group holds at most kStashMostRequests requests.
   // Judged against three blocks per SM, which the staged-weights budget below keeps; were

@@ -74,7 +74,7 @@ bool fused_shape_supported(int head_dim, std::int64_t hidden);
 // Whether fused steps at this hidden size multiply on wgmma on `device`: an sm_90 device
 // running sm_90a code, where a step of 8 tokens keeps every k block of its items in shared
 // memory (Flash's hidden). Steps of more than 8 tokens then stream their weights once through
-// a ring of shared memory in passes of up to 128 tokens (on mma.sync: passes of 32).
+// a ring of shared memory in passes of up to 128 tokens (on mma.sync: passes of 64).
 bool fused_multiplies_on_wgmma(int device, std::int64_t hidden);
 std::size_t fused_counter_count(const FusedStep& f);
 std::size_t fused_partial_floats(const FusedStep& f);
