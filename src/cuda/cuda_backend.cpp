@@ -267,9 +267,10 @@ class CudaBackend final : public Backend {
     // decode-partial CSA layer Flash B=1 11.4 against 14.1 us, B=8 11.5 against 15.1; Pro B=1
     // 19.0 against 19.9, B=8 19.6 against 20.9; Pro CSA main B=1 15.6 against 17.0). Ratio 128
     // with stored rows stays unfused (below).
-    // Since the ring (steps of more than 8 tokens on wgmma stream their weights once), a narrow
+    // Since the ring (steps of more than 8 tokens stream their weights once), a narrow
     // projection wins fused beyond 8 tokens where the fused step multiplies on wgmma (Flash on
-    // sm_90a; Pro's wide steps run on mma.sync and lose): the cuBLASLt projection of 512 or
+    // sm_90a; Pro's ring steps run on mma.sync and mostly lose: HCA at 32 tokens 21.7 against
+    // 20.2 us, docs/perf/h100-2026-11-25d.json): the cuBLASLt projection of 512 or
     // 1024 columns keeps few blocks busy (docs/perf/h100-2026-11-25b.json, fused against the
     // library's choice: Flash CSA indexer decode B=32 11.0 against 15.3 us, B=64
     // 11.9 against 15.6, no window B=32 9.5 against 10.5, B=64 10.4 against 10.5, but B=128
