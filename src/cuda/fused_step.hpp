@@ -8,11 +8,12 @@
 // state update and epilogue are those of pool_windows, update_state and finish_entries.
 //
 // The projection's arithmetic is fixed whatever the batch: hidden is cut into kFusedSlices
-// equal slices; in each slice two accumulators start from zero and take, in k order, the first
-// and the second half of every 32-wide k block on tensor cores, and are then added; the
-// slices' partial sums are added in slice order. So a token's kv_score bits never depend on
-// the other tokens of the step, and the split invariance of SPEC section 3 holds among steps
-// that take this path.
+// equal slices; in each slice the tensor cores take the k blocks in k order from zero (on
+// mma.sync two accumulators, the first and the second half of every 32-wide k block, added at
+// the end; on wgmma one, k in its natural order), whatever the step's shape (at most 8 tokens,
+// or the ring); the slices' partial sums are added in slice order. So a token's kv_score bits
+// never depend on the other tokens of the step, and the split invariance of SPEC section 3
+// holds among steps that take this path on one device and build.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -73,8 +74,8 @@ struct FusedStep {
 bool fused_shape_supported(int head_dim, std::int64_t hidden);
 // Whether fused steps at this hidden size multiply on wgmma on `device`: an sm_90 device
 // running sm_90a code, where a step of 8 tokens keeps every k block of its items in shared
-// memory (Flash's hidden). Steps of more than 8 tokens then stream their weights once through
-// a ring of shared memory in passes of up to 128 tokens (on mma.sync: passes of 64).
+// memory (Flash's hidden). Either way, steps of more than 8 tokens stream their weights once
+// through a ring of shared memory, in passes of up to 128 tokens on wgmma, 64 on mma.sync.
 bool fused_multiplies_on_wgmma(int device, std::int64_t hidden);
 std::size_t fused_counter_count(const FusedStep& f);
 std::size_t fused_partial_floats(const FusedStep& f);
