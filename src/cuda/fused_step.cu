@@ -1,14 +1,17 @@
 // The fused decode step (see fused_step.hpp). A persistent kernel works through tickets in
 // order: projection items, then pool items, then one item per completed entry.
 //  - A projection item reads 64 weight rows x one slice of hidden once, multiplies them with
-//    the step's x (staged in shared memory) on tensor cores and writes fp32 partial sums.
+//    the step's x (staged in shared memory) on tensor cores and writes fp32 partial sums. In a
+//    step of more than 8 tokens a narrow projection's items each take one group of the tokens
+//    (FusedStep::token_groups), so that its few row blocks still fill the grid.
 //  - A pool item takes a row block's channels for one group of requests: it waits until every
-//    slice of the row block is written, adds the group's tokens' 8 partials in slice order
-//    (kv_score, on chip), pools those channels of the group's completed windows, counts itself
-//    done, then updates those channels of the group's state. A row block holds, for its channels, every column the
-//    pooling needs (ratio 4: kv and score of both channel halves; else kv, score). Cutting the
-//    batch into groups keeps each item short, so the pooling of a large batch spreads over
-//    the whole grid instead of queueing behind one block per row block.
+//    slice (and token group) of the row block is written, adds the group's tokens' 8 partials
+//    in slice order (kv_score, on chip), pools those channels of the group's completed
+//    windows, counts itself done, then updates those channels of the group's state. A row
+//    block holds, for its channels, every column the pooling needs (ratio 4: kv and score of
+//    both channel halves; else kv, score). Cutting the batch into groups keeps each item
+//    short, so the pooling of a large batch spreads over the whole grid instead of queueing
+//    behind one block per row block.
 //  - An entry item reads its pooled values as the pool items store them (a slot holds a
 //    pending mark until then, see kPooledPending), then runs the epilogue (norm, RoPE,
 //    rotation, fp8, store) shared with finish_entries.
@@ -92,6 +95,9 @@ constexpr int kXPad = 32;
 constexpr int kRingSlots = 4;
 constexpr int kRingMaxTokens = 128;
 constexpr int kMmaRingMaxTokens = 64;
+// Tokens of a projection item's token group at most (fused_prepare_launch).
+constexpr int kGroupMostTokens = 64;
+constexpr int kGroupMostTokensMmaSync = 32;
 // A ring pass's width: its tokens rounded up to 8 up to 32, else to 64 or 128 (one or two
 // wgmma instructions of 64 tokens side by side; the padded tokens are zero).
 __host__ __device__ constexpr int ring_width(int n) { return n <= 32 ? (n + 7) / 8 * 8 : n <= 64 ? 64 : 128; }
@@ -403,14 +409,14 @@ __device__ __forceinline__ int ring_unit(int r, int c) {
 }
 
 // A projection item of a step of more than 8 tokens: rows of row block `rb` of member `mb`,
-// hidden slice `slice`, every token, in passes of up to kRingMaxTokens (wgmma) or
-// kMmaRingMaxTokens (mma.sync); fp32 partial sums to out[64][tokens_cap], as project_item. The
-// weights stream through the ring (see kRingSlots) atom by atom with x: the first kRingSlots
+// hidden slice `slice`, tokens [tok0, tok1) (its token group), in passes of up to
+// kRingMaxTokens (wgmma) or kMmaRingMaxTokens (mma.sync); fp32 partial sums to
+// out[64][tokens_cap], as project_item. The weights stream through the ring (see kRingSlots) atom by atom with x: the first kRingSlots
 // atoms' weights are copied before the wait for the previous kernel (paced as project_item
 // paces its staged weights), the rest of the item's weights prefetched into L2.
 template <bool kWgmma>
-__device__ void project_item_ring(const FusedStep& f, const FusedMember& mb, int rb, int slice, float* out,
-                                  std::uint16_t* ring, bool& waited) {
+__device__ void project_item_ring(const FusedStep& f, const FusedMember& mb, int rb, int slice, int tok0, int tok1,
+                                  float* out, std::uint16_t* ring, bool& waited) {
   const int ks = f.hidden / kFusedSlices, atoms = (ks + 63) / 64, last_steps = (ks - 64 * (atoms - 1)) / 16;
   const int slot_elems = ring_slot_elems(ring_width(f.tokens_per_pass));
   const std::uint16_t* item_w = mb.w + slice * ks;
@@ -453,9 +459,9 @@ __device__ void project_item_ring(const FusedStep& f, const FusedMember& mb, int
 #else
   const int pass_tokens = min(f.tokens_per_pass, kMmaRingMaxTokens);
 #endif
-  for (int pass0 = 0; pass0 < f.tokens; pass0 += pass_tokens) {
-    const int n = min(pass_tokens, f.tokens - pass0), width = ring_width(n);
-    if (pass0 > 0) {
+  for (int pass0 = tok0; pass0 < tok1; pass0 += pass_tokens) {
+    const int n = min(pass_tokens, tok1 - pass0), width = ring_width(n);
+    if (pass0 > tok0) {
       __syncthreads();  // every warp is done with the ring (the last pass waited for its multiply)
       copy_first_weights(false);
     }
@@ -912,7 +918,8 @@ __device__ __noinline__ void stash_pool_inputs(const FusedMember& mb, const Grou
 __device__ void sum_slices(const FusedStep& f, const FusedMember& mb, int rb_global, const Group& g, char* smem) {
   const int cap = f.tokens_cap;
   if (threadIdx.x == 0)
-    while (load_acquire(&f.counters[kCounterRowBlocks + rb_global]) < static_cast<unsigned>(kFusedSlices)) __nanosleep(32);
+    while (load_acquire(&f.counters[kCounterRowBlocks + rb_global]) < static_cast<unsigned>(kFusedSlices * f.token_groups))
+      __nanosleep(32);
   __syncthreads();
   const int span = g.stride - 1;  // within [0, tokens_cap): every partial there is written
   const float* partial = f.partials + static_cast<std::int64_t>(rb_global) * kFusedSlices * kFusedRowsPerBlock * cap;
@@ -1079,7 +1086,7 @@ __host__ __device__ constexpr std::size_t staged_weights_offset(const FusedStep&
 __host__ __device__ constexpr std::size_t wgmma_x_bytes(const FusedStep& f) {
   return static_cast<std::size_t>((f.hidden / kFusedSlices + 63) / 64) * f.tokens_per_pass * 128;
 }
-__host__ __device__ constexpr bool uses_ring(const FusedStep& f) { return !f.projected && f.tokens_per_pass > 8; }
+__host__ __device__ constexpr bool uses_ring(const FusedStep& f) { return !f.projected && f.tokens_cap > 8; }
 __host__ __device__ constexpr std::size_t projection_bytes(const FusedStep& f, int staged) {
   if (f.projected) return 0;
   if (uses_ring(f)) {
@@ -1149,7 +1156,7 @@ __global__ void __launch_bounds__(kFusedThreads, kProject ? kBlocksPerSm : kComp
   projection_smem<kWgmma>(f, smem, xs, ws);
   auto* raw = reinterpret_cast<char*>(smem);
   unsigned* counters = f.counters;
-  const int projection_items = kProject ? f.row_blocks * kFusedSlices : 0;
+  const int projection_items = kProject ? f.row_blocks * kFusedSlices * f.token_groups : 0;
   const int pool_end = projection_items + f.pool_items;
   const int items = pool_end + f.entries;
   const bool one_wave = static_cast<int>(gridDim.x) >= items;  // a block for every item: no tickets
@@ -1166,12 +1173,13 @@ __global__ void __launch_bounds__(kFusedThreads, kProject ? kBlocksPerSm : kComp
   while (t < items) {
     if (t < projection_items) {
       if constexpr (kProject) {
-        const int rb_global = t / kFusedSlices, slice = t % kFusedSlices;
+        const int per_row_block = kFusedSlices * f.token_groups, rb_global = t / per_row_block;
+        const int slice = t % kFusedSlices, tok0 = t % per_row_block / kFusedSlices * f.group_tokens;
         const int m = (f.members > 1 && rb_global >= f.m[1].first_row_block) ? 1 : 0;
         const FusedMember& mb = f.m[m];
         const int rb = rb_global - mb.first_row_block;
         float* out = f.partials + (static_cast<std::int64_t>(rb_global) * kFusedSlices + slice) * kFusedRowsPerBlock * f.tokens_cap;
-        if constexpr (kRing) project_item_ring<kWgmma>(f, mb, rb, slice, out, xs, waited);
+        if constexpr (kRing) project_item_ring<kWgmma>(f, mb, rb, slice, tok0, min(f.tokens, tok0 + f.group_tokens), out, xs, waited);
         else project_item<kWgmma>(f, mb, rb, slice, out, xs, ws, waited);
         __syncthreads();  // every thread's partial sums are written; one release publishes them
         if (threadIdx.x == 0) add_release(&counters[kCounterRowBlocks + rb_global], 1u);
@@ -1399,7 +1407,30 @@ int fused_prepare_launch(FusedStep& f, int device) {
   // entries are fewer than half those blocks, the groups leave them a block each too.
   int sms = 0;
   DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const int projection_items = f.projected ? 0 : f.row_blocks * kFusedSlices;
+  // Token groups (steps of more than 8 tokens): a narrow projection (the CSA indexer's 8 row
+  // blocks, HCA's 16) has fewer items than the grid has blocks, and each item's multiply grows
+  // with its tokens; cutting the tokens into groups, one item each, brings idle blocks in, and
+  // the items of one (row block, slice) read its weights side by side, the later readers from
+  // L2. Groups of at most kGroupMostTokens (wgmma) or kGroupMostTokensMmaSync tokens, no more
+  // items than the grid has blocks. A token's sums do not depend on its group. Measured on the
+  // H100 against one group (fused step forced, docs/PERF.md): Flash CSA indexer decode B=128
+  // 17.2 -> 14.4 us, B=256 29.7 -> 19.7; Pro indexer B=256 83.7 -> 34.9; Pro HCA B=64 29.9 ->
+  // 25.5, B=256 90.2 -> 58.2; more items than that put pool items out of the first wave
+  // (Flash indexer B=64, four groups: 11.9 -> 15.7).
+  // The multiply's instructions depend on the shape, the device and the build only, so a
+  // token's bits are the same in every fused step of a compressor.
+  f.wgmma = !f.projected && fused_multiplies_on_wgmma(device, f.hidden);
+  f.token_groups = 1;
+  f.group_tokens = f.tokens_cap;
+  if (!f.projected && f.tokens_cap > 8) {
+    const int tiles = f.tokens_cap / 8, base_items = f.row_blocks * kFusedSlices;
+    const int most = f.wgmma ? kGroupMostTokens : kGroupMostTokensMmaSync;
+    const int groups = std::min((f.tokens_cap + most - 1) / most, std::max(1, kBlocksPerSm * sms / base_items));
+    const int group_tiles = (tiles + groups - 1) / groups;
+    f.group_tokens = 8 * group_tiles;
+    f.token_groups = (tiles + group_tiles - 1) / group_tiles;
+  }
+  const int projection_items = f.projected ? 0 : f.row_blocks * kFusedSlices * f.token_groups;
   const int beside_projection = f.tokens_cap <= 8 ? projection_items : 0;
   const int target_items = std::max(1, (f.projected ? kCompressBlocksPerSm : kBlocksPerSm) * sms - beside_projection);
   const int pool_target = f.entries < target_items / 2 ? target_items - f.entries : target_items;
@@ -1442,15 +1473,13 @@ int fused_prepare_launch(FusedStep& f, int device) {
   cudaFuncAttributes attributes{};  // static shared memory: the same in every instance
   DSV4_CUDA_CHECK(cudaFuncGetAttributes(&attributes, fused_step_kernel<false, false, true, false>));
   const std::int64_t budget = block_shared_budget(device);
-  // The multiply's instructions depend on the shape, the device and the build only, so a
-  // token's bits are the same in every fused step of a compressor.
   const int ks = f.hidden / kFusedSlices;
-  f.wgmma = !f.projected && fused_multiplies_on_wgmma(device, f.hidden);
   // Tokens per pass. The compress step projects nothing: the one-tile instance, with nothing
   // staged. Steps of at most 8 tokens: one tile. Wider steps stream their weights with x
-  // through the ring, up to kRingMaxTokens a pass on wgmma, kMmaRingMaxTokens on mma.sync.
+  // through the ring, up to kRingMaxTokens a pass on wgmma, kMmaRingMaxTokens on mma.sync,
+  // and no more than a token group.
   if (f.projected || f.tokens_cap <= 8) f.tokens_per_pass = 8;
-  else f.tokens_per_pass = std::min(f.wgmma ? kRingMaxTokens : kMmaRingMaxTokens, f.tokens_cap);
+  else f.tokens_per_pass = std::min(f.wgmma ? kRingMaxTokens : kMmaRingMaxTokens, f.group_tokens);
   // Pool items gather their state ahead of the slices where every item has a block from the
   // start (fused_step_kernel's kStash) and a group holds at most kStashMostRequests requests.
   // Judged against three blocks per SM, which the staged-weights budget below keeps; were
@@ -1458,7 +1487,7 @@ int fused_prepare_launch(FusedStep& f, int device) {
   const int items = projection_items + f.pool_items + f.entries;
   int largest_group = 0;
   for (int k = 0; k < f.members; ++k) largest_group = std::max(largest_group, f.m[k].group_requests);
-  f.stash = !f.projected && f.tokens_per_pass <= 8 && items <= kBlocksPerSm * sms && largest_group <= kStashMostRequests;
+  f.stash = !f.projected && f.tokens_cap <= 8 && items <= kBlocksPerSm * sms && largest_group <= kStashMostRequests;
   // As many k blocks of each projection item's weights in shared memory as leave room for
   // three blocks per SM: all of them for Flash steps of up to 8 tokens, 15 of 28 for Pro. The
   // ring stages none across passes (a ring of 128-token passes leaves room for two blocks).

@@ -52,6 +52,9 @@ struct FusedStep {
   int tokens = 0;
   int hidden = 0;
   int tokens_per_pass = 0;  // tokens whose x slice is staged in shared memory at once
+  int token_groups = 1;     // projection items per row block and slice (steps of more than 8
+                            // tokens): each projects group_tokens of the step's tokens
+  int group_tokens = 0;     // a multiple of 8
   int staged_kblocks = 0;   // 32-wide k blocks of a projection item's weights held in shared
                             // memory for all passes, copied there before the wait
   int members = 0;
