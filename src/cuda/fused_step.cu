@@ -1416,7 +1416,8 @@ int fused_prepare_launch(FusedStep& f, int device) {
   // H100 against one group (fused step forced, docs/PERF.md): Flash CSA indexer decode B=128
   // 17.2 -> 14.4 us, B=256 29.7 -> 19.7; Pro indexer B=256 83.7 -> 34.9; Pro HCA B=64 29.9 ->
   // 25.5, B=256 90.2 -> 58.2; more items than that put pool items out of the first wave
-  // (Flash indexer B=64, four groups: 11.9 -> 15.7).
+  // (Flash indexer B=64, four groups: 11.9 -> 15.7); three groups of 86 tokens padded to 128
+  // lost to two of 128 (Flash HCA B=256 30.6 against 28.4).
   // The multiply's instructions depend on the shape, the device and the build only, so a
   // token's bits are the same in every fused step of a compressor.
   f.wgmma = !f.projected && fused_multiplies_on_wgmma(device, f.hidden);
@@ -1426,7 +1427,9 @@ int fused_prepare_launch(FusedStep& f, int device) {
     const int tiles = f.tokens_cap / 8, base_items = f.row_blocks * kFusedSlices;
     const int most = f.wgmma ? kGroupMostTokens : kGroupMostTokensMmaSync;
     const int groups = std::min((f.tokens_cap + most - 1) / most, std::max(1, kBlocksPerSm * sms / base_items));
-    const int group_tiles = (tiles + groups - 1) / groups;
+    // On wgmma a pass multiplies ring_width(n) tokens: a group fills its width.
+    int group_tiles = (tiles + groups - 1) / groups;
+    if (f.wgmma) group_tiles = ring_width(8 * group_tiles) / 8;
     f.group_tokens = 8 * group_tiles;
     f.token_groups = (tiles + group_tiles - 1) / group_tiles;
   }
