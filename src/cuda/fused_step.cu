@@ -19,8 +19,13 @@
 // reads only weights and the plan: a projection item copies its weights into shared memory
 // (paced) and prefetches the rest into L2, a pool item stages its plan values and prefetches
 // its state rows into L2 (the fused step only), an entry item loads its inputs.
-// Tickets are taken in order and only projection items never wait, so when any block waits,
-// every item it waits for has a running owner: no deadlock, whatever the residency.
+// A block's first item is its blockIdx.x, its later ones tickets taken in order (or, in some
+// ring steps, blockIdx.x + k gridDim.x: FusedStep::fixed_order); a block takes its items in
+// increasing order and an item waits only for items before it (pool items for projection
+// items, entries for pool items), so the owner of an item waited for is running it or an
+// item before it: no deadlock, in whatever order the blocks start, provided that all of them
+// are resident at once, which fused_prepare_launch's grid assumes (no more blocks than fit the
+// SMs the device reports: a process confined to fewer SMs must not run this kernel).
 // The counters return to zero at the end of every launch (the last block out resets them),
 // so a captured graph can replay the step.
 // As the unfused path's compress step (f.projected) there are no projection items: a pool
@@ -1249,6 +1254,10 @@ __global__ void __launch_bounds__(kFusedThreads, kProject ? kBlocksPerSm : kComp
     __syncthreads();
     DSV4_STAMP(f, first_end);
     if (one_wave) break;  // no ticket to take
+    if (f.fixed_order) {
+      t += static_cast<int>(gridDim.x);
+      continue;
+    }
     if (threadIdx.x == 0) s_ticket = static_cast<int>(gridDim.x + atomicAdd(&counters[kCounterTicket], 1u));
     __syncthreads();
     t = s_ticket;
@@ -1511,6 +1520,16 @@ int fused_prepare_launch(FusedStep& f, int device) {
     --f.staged_kblocks;
   }
   const int blocks = std::max(1, std::min(items, std::max(1, per_sm) * sms));
+  // Ring steps whose every projection item is a block's first, at three blocks an SM (passes
+  // of at most 64 tokens), take their later items in a fixed order: block b's are b + k
+  // gridDim.x. Measured on the H100 against tickets (fused step forced, docs/PERF.md): Flash
+  // CSA layer decode B=32 19.15 -> 18.15 us, B=64 21.9 -> 21.05, HCA B=128 17.25 -> 16.75;
+  // Pro CSA layer B=32 32.25 -> 26.5, B=128 69.7 -> 58.35, indexer B=64 20.75 -> 17.85, HCA
+  // B=64 25.3 -> 19.9. Not the tickets' round trip: tickets asked for as an item starts
+  // measured as tickets do (Pro CSA layer B=32 34.3). With two blocks an SM (passes of 128
+  // tokens) the fixed order lost (Flash CSA layer B=128 39.4 -> 40.5, B=256 70.3 -> 72.8, CSA
+  // main B=256 55.55 -> 57.2).
+  f.fixed_order = uses_ring(f) && projection_items <= blocks && per_sm >= kBlocksPerSm;
 #ifdef DSV4_FUSED_TIMELINE
   attach_timeline(f, blocks);
 #endif

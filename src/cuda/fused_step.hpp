@@ -67,6 +67,8 @@ struct FusedStep {
   int tokens_cap = 0;             // tokens rounded up to 8
   int vals_rows = 0;              // rows of x a pool item holds at most (fused_prepare_launch)
   bool stash = false;             // pool items stash their state inputs (fused_prepare_launch)
+  bool fixed_order = false;       // a block's later items are blockIdx.x + k * gridDim.x, not
+                                  // tickets (fused_prepare_launch)
   bool wgmma = false;             // projection items multiply on wgmma (sm_90a builds; where the
                                   // hidden size lets a step of 8 tokens stage every k block)
   bool projected = false;         // the compress step: kv_score comes from the members' kv rows
