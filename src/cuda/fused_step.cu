@@ -1520,16 +1520,15 @@ int fused_prepare_launch(FusedStep& f, int device) {
     --f.staged_kblocks;
   }
   const int blocks = std::max(1, std::min(items, std::max(1, per_sm) * sms));
-  // Ring steps whose every projection item is a block's first, at three blocks an SM (passes
-  // of at most 64 tokens), take their later items in a fixed order: block b's are b + k
-  // gridDim.x. Measured on the H100 against tickets (fused step forced, docs/PERF.md): Flash
-  // CSA layer decode B=32 19.15 -> 18.15 us, B=64 21.9 -> 21.05, HCA B=128 17.25 -> 16.75;
-  // Pro CSA layer B=32 32.25 -> 26.5, B=128 69.7 -> 58.35, indexer B=64 20.75 -> 17.85, HCA
-  // B=64 25.3 -> 19.9. Not the tickets' round trip: tickets asked for as an item starts
-  // measured as tickets do (Pro CSA layer B=32 34.3). With two blocks an SM (passes of 128
-  // tokens) the fixed order lost (Flash CSA layer B=128 39.4 -> 40.5, B=256 70.3 -> 72.8, CSA
-  // main B=256 55.55 -> 57.2).
-  f.fixed_order = uses_ring(f) && projection_items <= blocks && per_sm >= kBlocksPerSm;
+  // Ring steps on wgmma whose every projection item is a block's first, at three blocks an SM
+  // (passes of at most 64 tokens), take their later items in a fixed order: block b's are
+  // b + k gridDim.x. Measured on the H100 against tickets (fused step forced, docs/PERF.md):
+  // Flash CSA layer decode B=32 19.2 -> 18.0 us, B=64 22.0 -> 21.0, no window B=32 15.2 ->
+  // 14.4, HCA B=64 14.6 -> 14.0. Not the tickets' round trip: tickets asked for as an item
+  // starts measured as tickets do. With two blocks an SM (passes of 128 tokens) the fixed order
+  // lost (Flash CSA layer B=256 70.3 -> 72.8), and on mma.sync (Pro) it lost in the wide steps
+  // (CSA layer B=256 123 -> 130.5, CSA main B=64 37.7 -> 39.9): those keep tickets.
+  f.fixed_order = uses_ring(f) && f.wgmma && projection_items <= blocks && per_sm >= kBlocksPerSm;
 #ifdef DSV4_FUSED_TIMELINE
   attach_timeline(f, blocks);
 #endif
