@@ -1,4 +1,4 @@
-// The fused decode step (see fused_step.hpp). A persistent kernel works through tickets in
+// The fused decode step (see fused_step.hpp). A persistent kernel works through items in
 // order: projection items, then pool items, then one item per completed entry.
 //  - A projection item reads 64 weight rows x one slice of hidden once, multiplies them with
 //    the step's x (staged in shared memory) on tensor cores and writes fp32 partial sums. In a
@@ -416,9 +416,10 @@ __device__ __forceinline__ int ring_unit(int r, int c) {
 // A projection item of a step of more than 8 tokens: rows of row block `rb` of member `mb`,
 // hidden slice `slice`, tokens [tok0, tok1) (its token group), in passes of up to
 // kRingMaxTokens (wgmma) or kMmaRingMaxTokens (mma.sync); fp32 partial sums to
-// out[64][tokens_cap], as project_item. The weights stream through the ring (see kRingSlots) atom by atom with x: the first kRingSlots
-// atoms' weights are copied before the wait for the previous kernel (paced as project_item
-// paces its staged weights), the rest of the item's weights prefetched into L2.
+// out[64][tokens_cap], as project_item. The weights stream through the ring (see kRingSlots)
+// atom by atom with x: the first kRingSlots atoms' weights are copied before the wait for the
+// previous kernel (paced as project_item paces its staged weights), the rest of the item's
+// weights prefetched into L2.
 template <bool kWgmma>
 __device__ void project_item_ring(const FusedStep& f, const FusedMember& mb, int rb, int slice, int tok0, int tok1,
                                   float* out, std::uint16_t* ring, bool& waited) {
