@@ -3,7 +3,7 @@
 // in shared memory, timed with the SM's cycle counter around the loop. It answers what the
 // item's arithmetic costs apart from everything the step does around it (loads, hand-offs),
 // for the instruction sequences a projection item could use:
-//  - mma.sync, one 32-wide k block at a time: the fused step's loop (fused_step.cu), the
+//  - mma.sync, one 32-wide k block at a time: the fused step's loop (fused_projection.cuh), the
 //    weights in its staged layout, x in rows padded by 64 bytes;
 //  - the same with the shared loads of 4 k blocks (one 8-token tile) or 2 (more tiles)
 //    issued before their mma;

@@ -135,7 +135,7 @@ __device__ __forceinline__ void mma_bf16_16x8x16(float (&d)[4], std::uint32_t a0
 }
 
 // Where chunk c (16 bytes, k 8c..8c+7) of row r of a fused-step projection item lies in its
-// staged weights (fused_step.cu; bench-multiply times the same layout): rows of
+// staged weights (fused_projection.cuh; bench-multiply times the same layout): rows of
 // 4 * staged chunks, so that a mma fragment's 8 lanes of a shared-load phase (rows g and g+1,
 // chunks t = 0..3 of one k block) hit distinct banks. With an odd number of staged k blocks a
 // row is already 64 bytes past a multiple of 128; with an even one, odd rows swap the two
