@@ -43,6 +43,9 @@ for stage in $stages; do
       "$BUILD_DIR"/dsv4-compressor bench --json "$OUT/bench.json" --svg "$OUT/bench.svg" >"$OUT/bench.log" 2>&1; rc=$?
       cat "$OUT/bench.log"
       log "bench rc=$rc"
+      # Where the decode targets stand in this run (docs/PERF.md).
+      [ $rc -eq 0 ] && python3 scripts/decode-targets.py "$OUT/bench.json" >"$OUT/targets.md" 2>&1 &&
+        log "targets: $(tail -1 "$OUT/targets.md")"
       [ $rc -eq 0 ] || status=1
       ;;
     demo)
