@@ -15,6 +15,9 @@ void add_bench_command(CLI::App& app, std::string command_line) {
   cmd->add_option("--svg", args->svg, "Write a chart of decode step time against batch size");
   cmd->add_option("--device", args->device, "auto (the GPU when there is one), cpu or cuda");
   cmd->add_option("--filter", args->filter, "Only rows whose label contains this, e.g. 'flash HCA decode B=64'");
+  cmd->add_option("--batches", args->batches,
+                  "Decode batch sizes to time, e.g. 16,24 (default 1,8,32,64,128,256 on a GPU; 1,8,64 on a CPU)")
+      ->delimiter(',');
   cmd->callback([args] { bench::run(*args); });
 
   auto sweep = std::make_shared<bench::SweepOptions>();

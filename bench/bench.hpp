@@ -77,10 +77,13 @@ struct Report : RunInfo {
 void count_work(const Row& row, const CompressorSpec& spec, DType state_dtype, double* bytes, double* flops,
                 std::int64_t* tokens, std::int64_t* entries);
 
+constexpr int kMostDecodeBatch = 256;  // the decode range: up to 256 requests a step
+
 struct Options {
   bool quick = false;
   std::string json, svg, device = "auto";
   std::string filter;   // only rows whose "model kind step" label contains this text
+  std::vector<int> batches;  // decode batch sizes to time (1..kMostDecodeBatch); empty: the default set
   std::string command;  // as typed, for the record
 };
 

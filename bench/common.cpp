@@ -143,6 +143,15 @@ Report run(const Options& o) {
   std::vector<Scenario> scenarios;
   std::vector<int> batches = o.quick ? std::vector<int>{1, 64, 256} : std::vector<int>{1, 8, 32, 64, 128, 256};
   if (!gpu) batches = o.quick ? std::vector<int>{1, 8} : std::vector<int>{1, 8, 64};
+  if (!o.batches.empty()) {
+    for (int b : o.batches)
+      if (b < 1 || b > kMostDecodeBatch)
+        throw Error("--batches: expected decode batch sizes from 1 to " + std::to_string(kMostDecodeBatch) + ", got " +
+                    std::to_string(b));
+    batches = o.batches;
+    std::sort(batches.begin(), batches.end());
+    batches.erase(std::unique(batches.begin(), batches.end()), batches.end());
+  }
   for (int b : batches) scenarios.push_back({"decode", b, 0});
   for (int b : batches) scenarios.push_back({"decode-partial", b, 0});
   scenarios.push_back({"mtp4", gpu ? 64 : 8, 0});

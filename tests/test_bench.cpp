@@ -10,6 +10,8 @@
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "support/files.hpp"
 
@@ -75,6 +77,30 @@ TEST(BenchCli, BadDeviceIsOneLineAndWritesNothing) {
   EXPECT_NE(r.err.find("--device: expected auto, cpu or cuda, got 'gpu0'"), std::string::npos) << r.err;
   EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
   EXPECT_FALSE(std::filesystem::exists(json));
+}
+
+// --batches replaces the decode batch sizes (sorted, each once); one outside 1..256 is one line
+// naming the option, a non-zero exit and no file.
+TEST(BenchCli, BatchesSetTheDecodeRows) {
+  const test::TempDir dir;
+  const std::string json = dir.file("b.json");
+  const Result r = bench(dir, "--quick --device cpu --batches 3,2,3 --filter 'flash CSA main decode' --json " + json);
+  ASSERT_EQ(r.code, 0) << r.err;
+  const auto j = nlohmann::json::parse(test::read_bytes(json));
+  std::vector<std::pair<std::string, int>> rows;
+  for (const auto& row : j.at("rows")) rows.emplace_back(row.at("scenario"), row.at("batch"));
+  const std::vector<std::pair<std::string, int>> expected = {
+      {"decode", 2}, {"decode", 3}, {"decode-partial", 2}, {"decode-partial", 3}};
+  EXPECT_EQ(rows, expected);
+
+  for (const std::string bad : {"0", "257", "8,-1"}) {
+    const std::string none = dir.file("none.json");
+    const Result e = bench(dir, "--device cpu --batches " + bad + " --json " + none);
+    EXPECT_NE(e.code, 0) << bad;
+    EXPECT_NE(e.err.find("--batches: expected decode batch sizes from 1 to 256, got "), std::string::npos) << e.err;
+    EXPECT_EQ(std::count(e.err.begin(), e.err.end(), '\n'), 1) << e.err;
+    EXPECT_FALSE(std::filesystem::exists(none)) << bad;
+  }
 }
 
 // bench-multiply needs a GPU: without one it is one line and no file; with one (the device
