@@ -16,34 +16,38 @@ nvcc=${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}
 [ -x "$nvcc" ] || { echo "same-device-code: no nvcc (set NVCC)"; exit 2; }
 git rev-parse --verify -q "$base^{commit}" >/dev/null || { echo "same-device-code: unknown revision $base"; exit 2; }
 
-# Both trees are compiled at one path, since the names nvcc gives internal functions depend
-# on the source's path: BASE first, then the working tree (tracked and untracked files that
-# git does not ignore).
+# Both trees' machine code is compiled at one path, since the names nvcc gives internal
+# functions depend on the source's path: BASE first (then moved aside), then the working tree
+# (tracked and untracked files that git does not ignore). PTX is made only for the sources
+# whose machine code differs.
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 tree=$work/tree
 flags=(-std=c++20 -O3 -DNDEBUG -DDSV4_HAVE_CUDA=1 --expt-relaxed-constexpr -Iinclude -Isrc -I.)
 
-# compile SRC VARIANT OUT: machine code (cubin) and PTX of one source of $tree, one variant.
-compile() {
-  local src=$1 variant=$2 out=$3 arch extra=()
+# nvcc_for DIR VARIANT ARGS...: nvcc in DIR with the flags of one variant.
+nvcc_for() {
+  local dir=$1 variant=$2 arch extra=()
+  shift 2
   case $variant in
     sm_90a) arch=90a ;;
     sm_80) arch=80 ;;
     timeline_sm_90a) arch=90a; extra=(-DDSV4_FUSED_TIMELINE=1) ;;
   esac
-  (cd "$tree" && "$nvcc" "${flags[@]}" "${extra[@]}" -gencode "arch=compute_$arch,code=sm_$arch" -cubin "$src" -o "$out.cubin" &&
-    "$nvcc" "${flags[@]}" "${extra[@]}" -arch="compute_$arch" -ptx "$src" -o "$out.ptx") 2>"$out.log"
+  (cd "$dir" && "$nvcc" "${flags[@]}" "${extra[@]}" "${@//ARCH/$arch}")
 }
 variants_of() { if [ "$1" = src/cuda/fused_step.cu ]; then echo sm_90a sm_80 timeline_sm_90a; else echo sm_90a sm_80; fi; }
 key_of() { echo "$1.$2" | tr '/' '_'; }
-# compile_tree SIDE: every CUDA source of $tree, into $work/SIDE.*; lists them in $work/SIDE.sources.
+# compile_tree SIDE: the machine code of every CUDA source of $tree, into $work/SIDE.*; lists
+# the sources in $work/SIDE.sources and those that do not compile in $work/SIDE.failed.
 compile_tree() {
   (cd "$tree" && ls src/cuda/*.cu bench/*.cu 2>/dev/null) >"$work/$1.sources" || true
-  local src v
+  local src v out
   while read -r src; do
     for v in $(variants_of "$src"); do
-      compile "$src" "$v" "$work/$1.$(key_of "$src" "$v")" || echo "$src ($v)" >>"$work/$1.failed"
+      out=$work/$1.$(key_of "$src" "$v")
+      nvcc_for "$tree" "$v" -gencode "arch=compute_ARCH,code=sm_ARCH" -cubin "$src" -o "$out.cubin" 2>"$out.log" ||
+        echo "$src ($v)" >>"$work/$1.failed"
     done
   done <"$work/$1.sources"
 }
@@ -51,11 +55,15 @@ compile_tree() {
 mkdir -p "$tree"
 git archive "$base" | tar -x -C "$tree"
 compile_tree a
-rm -rf "$tree" && mkdir -p "$tree"
+mv "$tree" "$work/a.tree" && mkdir -p "$tree"
 git ls-files -z -co --exclude-standard | tar --null -T - -cf - | tar -x -C "$tree"
 compile_tree b
-# Internal functions' names, masked for the PTX comparison: they carry a hash of the file.
-mask() { sed -E 's/_(GLOBAL__N__|INTERNAL_)[0-9a-f]+_[0-9]+_[A-Za-z0-9_]+_cu_[0-9a-f]+/ANON/g' "$1"; }
+# ptx_masked DIR SRC VARIANT OUT: its PTX into OUT with internal functions' names masked (they
+# carry a hash of the file's path); fails where nvcc does.
+ptx_masked() {
+  nvcc_for "$1" "$3" -arch=compute_ARCH -ptx "$2" -o "$4.raw" 2>/dev/null &&
+    sed -E 's/_(GLOBAL__N__|INTERNAL_)[0-9a-f]+_[0-9]+_[A-Za-z0-9_]+_cu_[0-9a-f]+/ANON/g' "$4.raw" >"$4" && [ -s "$4" ]
+}
 
 status=0
 for src in $(sort -u "$work/a.sources" "$work/b.sources"); do
@@ -69,7 +77,8 @@ for src in $(sort -u "$work/a.sources" "$work/b.sources"); do
       cat "$work/b.$key.log"; echo "cannot tell $src ($v): it does not compile in the tree"; [ $status = 1 ] || status=2
     elif cmp -s "$work/a.$key.cubin" "$work/b.$key.cubin"; then
       echo "identical  $src ($v)"
-    elif cmp -s <(mask "$work/a.$key.ptx") <(mask "$work/b.$key.ptx"); then
+    elif ptx_masked "$work/a.tree" "$src" "$v" "$work/a.ptx" && ptx_masked "$tree" "$src" "$v" "$work/b.ptx" &&
+      cmp -s "$work/a.ptx" "$work/b.ptx"; then
       echo "same PTX   $src ($v): machine code differs in internal names only"
     else
       echo "differs    $src ($v)"; status=1
