@@ -303,18 +303,30 @@ TEST(CudaFusedGroup, OneLaunchMatchesMembersAloneBitForBit) {
         b.add(0, 0, 3);
         EXPECT_TRUE(group.plan({b, b}, {&pm, &pi}).fused());
         // The automatic choice: a CSA layer's step of at most 8 tokens is fused, whether it
-        // completes a window or not; a larger one not.
+        // completes a window or not; where fused steps multiply on wgmma, up to 32 tokens;
+        // a larger one not.
         Options automatic = opts;
         automatic.fused_decode = FusedDecode::automatic;
         const Compressor am(main_spec, wm.view(main_spec), automatic), ai(idx_spec, wi.view(idx_spec), automatic);
         const CompressorGroup auto_group({&am, &ai});
-        StatePool qm(am, 4), qi(ai, 4);
-        Batch small, no_window, large;
-        for (std::int64_t s = 0; s < 2; ++s) small.add(s, 0, 4), small.cache_locations.push_back(s);
-        for (std::int64_t s = 0; s < 4; ++s) no_window.add(s, 0, 2), large.add(s, 0, 4), large.cache_locations.push_back(s);
-        EXPECT_TRUE(auto_group.plan({small, small}, {&qm, &qi}).fused()) << "8 tokens, 2 windows";
-        EXPECT_TRUE(auto_group.plan({no_window, no_window}, {&qm, &qi}).fused()) << "8 tokens, no window";
-        EXPECT_FALSE(auto_group.plan({large, large}, {&qm, &qi}).fused()) << "16 tokens";
+        StatePool qm(am, 16), qi(ai, 16);
+        // `requests` requests of `tokens` tokens each from position 0: a window each at 4 tokens.
+        const auto batch = [](std::int64_t requests, std::int64_t tokens) {
+          Batch b;
+          for (std::int64_t s = 0; s < requests; ++s) {
+            b.add(s, 0, tokens);
+            if (tokens == 4) b.cache_locations.push_back(s);
+          }
+          return b;
+        };
+        const auto fused_for = [&](const Batch& b) { return auto_group.plan({b, b}, {&qm, &qi}).fused(); };
+        const bool on_wgmma = cuda::fused_multiplies_on_wgmma(0, main_spec.hidden);
+        EXPECT_TRUE(fused_for(batch(2, 4))) << "8 tokens, 2 windows";
+        EXPECT_TRUE(fused_for(batch(4, 2))) << "8 tokens, no window";
+        EXPECT_EQ(fused_for(batch(4, 4)), on_wgmma) << "16 tokens, 4 windows";
+        EXPECT_EQ(fused_for(batch(8, 4)), on_wgmma) << "32 tokens, 8 windows";
+        EXPECT_EQ(fused_for(batch(16, 2)), on_wgmma) << "32 tokens, no window";
+        EXPECT_FALSE(fused_for(batch(16, 4))) << "64 tokens";
       }
       const auto together = test::serve_group(group, seqs, schedule, *buffers);
       const auto alone_main = test::serve(main, seqs, schedule, *buffers, rng);

@@ -64,7 +64,8 @@ enum class FusedDecode {
   automatic,  // fused where measured faster (docs/PERF.md): steps of at most 8 tokens at ratio 4
               // (CSA; a CSA layer's main and indexer in one launch, CompressorGroup), and at
               // ratio 128 with WindowState::running (HCA); where fused steps multiply on wgmma
-              // (sm_90a, Flash's hidden), a CSA indexer alone up to 64 tokens and HCA up to 32
+              // (sm_90a, Flash's hidden), a CSA layer's group and HCA up to 32 tokens and a CSA
+              // indexer alone up to 64
   always,     // fused for every supported step of at most 256 tokens (tests, benchmarks)
   off,        // always the unfused path: cuBLASLt projection, then the compress kernels
 };

@@ -47,6 +47,10 @@ constexpr std::int64_t kFusedAutoMaxTokens = 8;
 // projection columns, up to this many columns x tokens.
 constexpr std::int64_t kFusedNarrowMaxColumns = 1024;
 constexpr std::int64_t kFusedNarrowMaxColumnTokens = 32768;
+// ...and, where the fused step multiplies on wgmma, a group of compressors (a CSA layer's
+// main and indexer in one launch) of at most this many columns up to this many tokens.
+constexpr std::int64_t kFusedGroupMaxColumns = 2560;
+constexpr std::int64_t kFusedGroupMaxTokens = 32;
 
 // The automatic choice gives a ratio-128 compressor alone the compress step from this many
 // tokens (compress_step_alone).
@@ -193,7 +197,7 @@ class CudaBackend final : public Backend {
     const auto pooled_bytes = static_cast<std::size_t>(std::max<std::int64_t>(plan.num_entries(), 1) * spec_.head_dim) * 4;
     cp->pooled = device_alloc(device_, pooled_bytes);
     cuda_fill(device_, cp->pooled.get(), 0xff, pooled_bytes);
-    if (own_rows && fused_wins(plan, spec_.projection_width())) {
+    if (own_rows && fused_wins(plan, spec_.projection_width(), false)) {
       cp->fused = make_fused_plan(device_, {fused_member(*cp, wkv_gate_.get())}, plan.num_tokens(), spec_.hidden, false);
       plan.fused = true;
     } else if (own_rows) {
@@ -247,8 +251,9 @@ class CudaBackend final : public Backend {
   const void* projection_weights() const override { return wkv_gate_.get(); }
 
   // Whether this plan runs faster as one fused launch (fused_step.hpp), in a fused step of
-  // `step_columns` projection columns (this compressor's, or its group's).
-  bool fused_wins(const detail::PlanData& plan, std::int64_t step_columns) const {
+  // `step_columns` projection columns (this compressor's, or its group's); `in_group`: the
+  // step is a group's of several compressors (a CSA layer's main and indexer), not one's alone.
+  bool fused_wins(const detail::PlanData& plan, std::int64_t step_columns, bool in_group) const {
     if (options_.fused_decode == FusedDecode::off) return false;
     if (plan.num_tokens() < 1 || plan.num_tokens() > cuda::kFusedMaxTokens) return false;
     // Measured on the H100 against the library's unfused path with the same state (docs/PERF.md,
@@ -256,11 +261,7 @@ class CudaBackend final : public Backend {
     // against 17.3 us, CSA layer 16.8 against 31) and at ratio 128 with running state, whether
     // a window completes or not (Flash HCA B=1 11.4 against 16.2, no window 9.9 against 10.7;
     // Pro 14.9 against 20.5, no window 14.6 against 15.1); a compressor alone lost from 32
-    // tokens on before the ring (below). A CSA layer's group won at 32 tokens in a later run
-    // (Flash 27.6 against 31.3 us, Pro 40.3 against 43.2; docs/perf/h100-2026-11-24e.json) but
-    // lost at 32 tokens when no window completes (Flash 22.7 against 18.6, Pro 35.9 against
-    // 30.6; docs/perf/h100-2026-11-24h.json), and 9-31 tokens are not measured, so the limit
-    // stays at 8 for groups too. Steps that complete no window left the fused step for the unfused
+    // tokens on before the ring (below). Steps that complete no window left the fused step for the unfused
     // path (GEMM, then update_state) where the projection is wide (CSA main, a CSA layer's
     // group) until the fused step's projection items let the next kernel launch right after
     // their wait: since then the fused step wins those too (docs/perf/h100-2026-11-24t.json:
@@ -276,13 +277,22 @@ class CudaBackend final : public Backend {
     // 11.9 against 15.6, no window B=32 9.5 against 10.5, B=64 10.4 against 10.5, but B=128
     // 17.2 against 19.3 with windows and 14.8 against 11.0 without; Flash HCA running decode
     // B=32 13.8 against 16.2, no window 10.7 against 10.9, but B=64 14.5 against 15.7 with
-    // windows and 13.5 against 11.1 without). 9-31 tokens lie between measured wins. A CSA
-    // layer's 2560 columns lose from 32 tokens (20.0 against 19.0), CSA main alone too.
+    // windows and 13.5 against 11.1 without). 9-31 tokens lie between measured wins.
+    // A CSA layer's group (2560 columns, Flash) wins on the wgmma ring up to 32 tokens and
+    // loses at 64, with windows and without (docs/perf/h100-2026-12-05-layer-batches.json,
+    // fused against the library's choice: decode B=16 16.1 against 18.2 us, B=24 16.7 against
+    // 18.4, B=32 18.1 against 19.0; no window 12.8 against 15.4, 13.5 against 15.5, 14.6
+    // against 15.6; docs/perf/h100-2026-11-25f.json: B=64 21.0 against 20.3, no window 16.6
+    // against 16.0). Pro's group on the mma.sync ring loses from 16 tokens (28.1 against 24.0).
+    // CSA main alone (2048 columns) stays at 8: at 32 tokens 17.3 against 17.8, no window
+    // 13.4 against 13.2.
     if (options_.fused_decode == FusedDecode::automatic) {
       if (!spec_.overlap() && options_.window_state != WindowState::running) return false;
       const bool narrow = step_columns <= kFusedNarrowMaxColumns &&
                           step_columns * plan.num_tokens() <= kFusedNarrowMaxColumnTokens && wide_steps_on_wgmma_;
-      if (plan.num_tokens() > kFusedAutoMaxTokens && !narrow) return false;
+      const bool group = in_group && step_columns <= kFusedGroupMaxColumns &&
+                         plan.num_tokens() <= kFusedGroupMaxTokens && wide_steps_on_wgmma_;
+      if (plan.num_tokens() > kFusedAutoMaxTokens && !narrow && !group) return false;
     }
     if (!cuda::fused_shape_supported(static_cast<int>(spec_.head_dim), spec_.hidden))
       return false;
@@ -374,7 +384,7 @@ class CudaGroupProjection final : public GroupProjection {
     std::vector<cuda::FusedMember> fm;
     std::int64_t row = 0;
     for (std::size_t k = 0; k < members_.size(); ++k) {
-      if (!members_[k]->fused_wins(*plans[k], width_)) return nullptr;
+      if (!members_[k]->fused_wins(*plans[k], width_, members_.size() > 1)) return nullptr;
       const auto& cp = *static_cast<const CudaPlan*>(plans[k]->backend_data.get());
       fm.push_back(members_[k]->fused_member(cp, static_cast<const char*>(w_.get()) + row * hidden_ * 2));
       row += members_[k]->spec().projection_width();
