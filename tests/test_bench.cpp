@@ -1,6 +1,7 @@
 // The `dsv4-compressor bench` contract on the CPU backend (the README's main job): the table,
 // the JSON every result in docs/PERF.md is read from, and the SVG, with every variant named;
 // variants that need a GPU are null rather than zero. A bad option is one line and no file.
+// And `demo` on the CPU backend (CudaCli runs it on the GPU).
 #include <gtest/gtest.h>
 #include <sys/wait.h>
 
@@ -136,6 +137,24 @@ TEST(BenchCli, MultiplyProbeChecksItsResultsOrSaysWhyNot) {
     fused_rows += row["sequence"].get<std::string>().find("fused step") != std::string::npos;
   }
   EXPECT_EQ(fused_rows, 6);
+}
+
+// `demo` serves a mixed batch and checks its own results: on the CPU backend, which has one
+// path, every row is bit-identical for the split invariant and for the default options.
+TEST(DemoCli, CpuRowsAreBitIdentical) {
+  const test::TempDir dir;
+  const Result r = cli(dir, "demo --requests 3 --seed 7");
+  ASSERT_EQ(r.code, 0) << r.err;
+  std::size_t identical = 0;
+  for (auto at = r.out.find("bit-identical"); at != std::string::npos; at = r.out.find("bit-identical", at + 1))
+    ++identical;
+  EXPECT_EQ(identical, 12u) << r.out;  // 3 kinds x 2 precisions, two checks each
+  EXPECT_EQ(r.out.find("MISMATCH"), std::string::npos) << r.out;
+
+  const Result e = cli(dir, "demo --requests 0");
+  EXPECT_NE(e.code, 0);
+  EXPECT_NE(e.err.find("--requests: expected 1..4096, got 0"), std::string::npos) << e.err;
+  EXPECT_EQ(std::count(e.err.begin(), e.err.end(), '\n'), 1) << e.err;
 }
 
 }  // namespace

@@ -814,5 +814,25 @@ TEST(CudaCli, RunMatchesCpu) {
   }
 }
 
+// `demo --device cuda`: the split invariant bit for bit with every step unfused, and the
+// default options (decode steps fused where faster) within SPEC section 4 of the one-shot
+// run. Flash's CSA decode steps take the fused path, so some row must differ by rounding:
+// the comparison is not between equal things.
+TEST(CudaCli, DemoServesWithinSpec) {
+  REQUIRE_GPU();
+  test::TempDir dir;
+  for (const std::string model : {"flash", "pro"}) {
+    const std::string out = dir.file("demo.txt"), err = dir.file("demo.err");
+    const std::string cmd = std::string(DSV4_CLI) + " demo --device cuda --model " + model + " --requests 8 >" + out +
+                            " 2>" + err;
+    const int status = std::system(cmd.c_str());
+    const std::string text = test::read_bytes(out);
+    ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << text << test::read_bytes(err);
+    EXPECT_EQ(text.find("MISMATCH"), std::string::npos) << text;
+    EXPECT_EQ(text.find("OUT OF SPEC"), std::string::npos) << text;
+    EXPECT_NE(text.find("rel L2"), std::string::npos) << "no row took the fused path: " << text;
+  }
+}
+
 }  // namespace
 }  // namespace dsv4

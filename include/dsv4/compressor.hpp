@@ -33,6 +33,10 @@ struct Precision {
   friend bool operator==(const Precision&, const Precision&) = default;
 };
 
+// The bound SPEC section 4 sets on a precision's bf16 entries, as a relative L2 error against
+// an fp64 evaluation: 2e-3 with f32 kv_score and state, 1e-2 with either in bf16.
+double entry_tolerance(const Precision& precision);
+
 // Weights as a checkpoint holds them. The compressor copies what it needs at construction.
 struct Weights {
   TensorView wkv;    // bf16 [coff*head_dim, hidden]

@@ -189,6 +189,10 @@ bool Plan::compress_step() const { return data_ && data_->compress_step; }
 
 // --------------------------------------------------------------------------------- Compressor
 
+double entry_tolerance(const Precision& precision) {
+  return precision.kv_score == DType::f32 && precision.state == DType::f32 ? 2e-3 : 1e-2;
+}
+
 Compressor::Compressor(const CompressorSpec& spec, const Weights& weights, Options options)
     : spec_(spec), options_(options) {
   spec_.validate();

@@ -123,9 +123,7 @@ double relative_l2(const std::vector<std::uint16_t>& a, const std::vector<double
   return den2 > 0 ? std::sqrt(num2 / den2) : std::sqrt(num2);
 }
 
-double tolerance(Precision p) {
-  return p.kv_score == DType::f32 && p.state == DType::f32 ? 2e-3 : 1e-2;
-}
+double tolerance(Precision p) { return entry_tolerance(p); }
 
 namespace {
 
