@@ -67,14 +67,20 @@ def main(path):
           "| (a)/(d) | (a)/(g) | 4x (a) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     met = total = 0
+    by_verdict = {"floor": {}, "4x (a)": {}}
     for r, ft, floor_v, speed_v, a, d, g, floor in rows:
         print(f"| {r['model']} | {r['kind']} | {r['scenario']} | {r['batch']} | {floor:.2f} | {d:.2f} | "
               f"{d / floor:.2f} | {'-' if ft is None else f'{ft:.1f}'} | {g / floor:.2f} | {floor_v} | "
               f"{a / d:.2f} | {a / g:.2f} | {speed_v} |")
-        for v in (floor_v, speed_v):
+        for target, v in (("floor", floor_v), ("4x (a)", speed_v)):
             if v != "-":
                 total += 1
                 met += v == "met"
+                by_verdict[target][v] = by_verdict[target].get(v, 0) + 1
+    print()
+    for target, counts in by_verdict.items():
+        kinds = ("met", "not met", "beyond (g)", "beyond the least step")
+        print(f"{target} targets: " + ", ".join(f"{counts.get(k, 0)} {k}" for k in kinds))
     print()
     print(f"{met} of {total} targets met")
 
