@@ -261,10 +261,10 @@ class CudaBackend final : public Backend {
     // against 17.3 us, CSA layer 16.8 against 31) and at ratio 128 with running state, whether
     // a window completes or not (Flash HCA B=1 11.4 against 16.2, no window 9.9 against 10.7;
     // Pro 14.9 against 20.5, no window 14.6 against 15.1); a compressor alone lost from 32
-    // tokens on before the ring (below). Steps that complete no window left the fused step for the unfused
-    // path (GEMM, then update_state) where the projection is wide (CSA main, a CSA layer's
-    // group) until the fused step's projection items let the next kernel launch right after
-    // their wait: since then the fused step wins those too (docs/perf/h100-2026-11-24t.json:
+    // tokens on before the ring (below). Steps that complete no window left the fused step for
+    // the unfused path (GEMM, then update_state) where the projection is wide (CSA main, a CSA
+    // layer's group) until the fused step's projection items let the next kernel launch right
+    // after their wait: since then the fused step wins those too (docs/perf/h100-2026-11-24t.json:
     // decode-partial CSA layer Flash B=1 11.4 against 14.1 us, B=8 11.5 against 15.1; Pro B=1
     // 19.0 against 19.9, B=8 19.6 against 20.9; Pro CSA main B=1 15.6 against 17.0). Ratio 128
     // with stored rows stays unfused (below).
