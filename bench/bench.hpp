@@ -34,13 +34,14 @@ const char* kind_label(Kind k);
 std::vector<CompressorKind> members(Kind k);
 
 struct Scenario {
-  std::string name;   // e.g. "decode", "decode-partial", "mtp4", "prefill", "mixed"
+  std::string name;   // e.g. "decode", "decode-partial", "decode-staggered", "mtp4", "prefill", "mixed"
   int batch = 0;      // requests in the step (prefill: 1)
   std::int64_t length = 0;  // prefill tokens
 };
 
 // The step's requests for a compressor of `ratio`: (start, tokens). Decode steps start where
-// every request completes a window ("decode") or none does ("decode-partial").
+// every request completes a window ("decode"), none does ("decode-partial"), or one in `ratio`
+// does, positions spread over a window as in steady decoding ("decode-staggered").
 std::vector<Request> step_requests(const Scenario& s, std::int64_t ratio);
 
 struct Row {

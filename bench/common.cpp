@@ -67,6 +67,10 @@ std::vector<Request> step_requests(const Scenario& s, std::int64_t r) {
     for (int i = 0; i < s.batch; ++i) add(2 * r - 1, 1);  // completes window 1 (8 slots at ratio 4)
   } else if (s.name == "decode-partial") {
     for (int i = 0; i < s.batch; ++i) add(r + r / 2, 1);  // completes nothing
+  } else if (s.name == "decode-staggered") {
+    // Steady decoding: requests spread over a window's positions, so one in `r` completes
+    // window 1 (at ratio 128 and B <= 128, one request).
+    for (int i = 0; i < s.batch; ++i) add(2 * r - 1 - i % r, 1);
   } else if (s.name == "mtp4") {
     for (int i = 0; i < s.batch; ++i) add(2 * r - 3, 4);  // 4 tokens, one window completes
   } else if (s.name == "prefill") {
@@ -154,6 +158,7 @@ Report run(const Options& o) {
   }
   for (int b : batches) scenarios.push_back({"decode", b, 0});
   for (int b : batches) scenarios.push_back({"decode-partial", b, 0});
+  for (int b : batches) scenarios.push_back({"decode-staggered", b, 0});
   scenarios.push_back({"mtp4", gpu ? 64 : 8, 0});
   std::vector<std::int64_t> lengths = o.quick ? std::vector<std::int64_t>{1024} : std::vector<std::int64_t>{1024, 4096, 16384};
   if (!gpu) lengths = o.quick ? std::vector<std::int64_t>{256} : std::vector<std::int64_t>{1024};

@@ -91,7 +91,8 @@ TEST(BenchCli, BatchesSetTheDecodeRows) {
   std::vector<std::pair<std::string, int>> rows;
   for (const auto& row : j.at("rows")) rows.emplace_back(row.at("scenario"), row.at("batch"));
   const std::vector<std::pair<std::string, int>> expected = {
-      {"decode", 2}, {"decode", 3}, {"decode-partial", 2}, {"decode-partial", 3}};
+      {"decode", 2}, {"decode", 3}, {"decode-partial", 2}, {"decode-partial", 3}, {"decode-staggered", 2},
+      {"decode-staggered", 3}};
   EXPECT_EQ(rows, expected);
 
   for (const std::string bad : {"0", "257", "8,-1"}) {
