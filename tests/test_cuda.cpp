@@ -448,6 +448,90 @@ TEST(CudaCompressStep, OneLaunchMatchesPerStageKernelsBitForBit) {
       }
 }
 
+// Ratio 128 with running state on the unfused path: decode-shaped steps whose requests append
+// at most 16 tokens each run launch_running_step (one block per request pools and finishes its
+// own entries). The same bits as the per-stage kernels (entries, cache rows) over plain decode
+// of many requests (the one-token path) and over mixed decode-shaped steps (requests of 2..16
+// tokens take the general path, longer ones the other launches); within SPEC section 4 of the
+// CPU backend and of fp64. Flash and Pro, every kv_score/state dtype pair.
+TEST(CudaRunningStep, OneBlockPerRequestMatchesPerStageKernelsBitForBit) {
+  REQUIRE_GPU();
+  const std::vector<Model> models = small() ? std::vector<Model>{Model::flash} : std::vector<Model>{Model::flash, Model::pro};
+  for (Model model : models)
+    for (DType score : {DType::f32, DType::bf16})
+      for (DType state : {DType::f32, DType::bf16}) {
+        if (small() && score != state) continue;  // under compute-sanitizer: two of the four
+        const std::string label = std::string(model_name(model)) + ", kv_score " + std::string(dtype_name(score)) +
+                                  ", state " + std::string(dtype_name(state));
+        std::mt19937_64 rng(std::random_device{}());
+        CompressorSpec spec = CompressorSpec::preset(model, CompressorKind::hca);
+        if (small()) spec.hidden = 256;
+        const RandomWeights w = random_weights(spec, rng());
+        const Options automatic{.device = Device::cuda(0), .precision = {score, state},
+                                .window_state = WindowState::running, .fused_decode = FusedDecode::off};
+        Options per_stage = automatic;
+        per_stage.compress_launch = CompressLaunch::per_stage;
+        const Compressor one(spec, w.view(spec), automatic), staged(spec, w.view(spec), per_stage);
+        {  // which steps take it: one launch after the projection (Plan::compress_step)
+          StatePool pool(one, 64);
+          Batch decode, split, longer;
+          for (std::int64_t s = 0; s < 48; ++s) decode.add(s, 0, 1);
+          split.add(0, 0, 16);
+          split.add(1, 0, 1);
+          longer.add(0, 0, 17);
+          EXPECT_TRUE(one.plan(decode, pool).compress_step()) << label << ": 48 one-token requests";
+          EXPECT_TRUE(one.plan(split, pool).compress_step()) << label << ": requests of 16 and 1 tokens";
+          EXPECT_FALSE(one.plan(longer, pool).compress_step()) << label << ": a 17-token request, no entry";
+          EXPECT_FALSE(staged.plan(decode, pool).compress_step()) << label << ": per-stage kernels asked for";
+          Options rows = automatic;
+          rows.window_state = WindowState::rows;
+          const Compressor with_rows(spec, w.view(spec), rows);
+          StatePool rows_pool(with_rows, 64);
+          EXPECT_FALSE(with_rows.plan(decode, rows_pool).compress_step()) << label << ": stored rows";
+        }
+        auto buffers = test::device_buffers(Device::cuda(0));
+        const auto seqs = test::random_sequences(small() ? 12 : 40, 130, 300, spec.hidden, rng);
+        const test::Schedule schedules[] = {test::decode_schedule(seqs, seqs.size()),
+                                            test::small_step_schedule(seqs, rng, 256)};
+        test::Served mixed;
+        for (const test::Schedule& schedule : schedules) {
+          const auto x = test::serve(one, seqs, schedule, *buffers, rng);
+          const auto y = test::serve(staged, seqs, schedule, *buffers, rng);
+          EXPECT_EQ(x.problems, "") << label;
+          EXPECT_EQ(y.problems, "") << label;
+          for (std::size_t i = 0; i < seqs.size(); ++i) {
+            EXPECT_EQ(x.entries[i], y.entries[i]) << label << ", sequence " << i;
+            EXPECT_EQ(x.cache[i], y.cache[i]) << label << ", sequence " << i;
+          }
+          mixed = x;
+        }
+        const Compressor cpu(spec, w.view(spec), {.precision = {score, state}, .window_state = WindowState::running});
+        auto host = test::host_buffers();
+        const auto h = test::serve(cpu, seqs, schedules[1], *host, rng);
+        ASSERT_EQ(h.problems, "") << label;
+        // Every sequence against the CPU; the first four against fp64 (its evaluation is slow).
+        std::vector<std::uint16_t> all_gpu, first_gpu;
+        std::vector<double> all_cpu, first_ref;
+        for (std::size_t i = 0; i < seqs.size(); ++i) {
+          EXPECT_EQ(test::check_stored_entries(spec, mixed.entries[i], mixed.cache[i], seqs[i].length / spec.ratio), "")
+              << label << ", sequence " << i;
+          all_gpu.insert(all_gpu.end(), mixed.entries[i].begin(), mixed.entries[i].end());
+          for (auto v : h.entries[i]) all_cpu.push_back(num::f32_from_bf16(v));
+          if (i >= 4) continue;
+          first_gpu.insert(first_gpu.end(), mixed.entries[i].begin(), mixed.entries[i].end());
+          const auto ref = test::reference_entries(spec, w, seqs[i].x.data(), seqs[i].length);
+          first_ref.insert(first_ref.end(), ref.begin(), ref.end());
+        }
+        ASSERT_FALSE(first_ref.empty());
+        const double vs_ref = test::relative_l2(first_gpu, first_ref), vs_cpu = test::relative_l2(all_gpu, all_cpu);
+        std::printf("    running step %s: %zu entries, relative L2 vs fp64 %.3g, vs CPU %.3g (tolerance %.0e)\n",
+                    label.c_str(), all_gpu.size() / static_cast<std::size_t>(spec.head_dim), vs_ref, vs_cpu,
+                    test::tolerance({score, state}));
+        EXPECT_LE(vs_ref, test::tolerance({score, state})) << label;
+        EXPECT_LE(vs_cpu, test::tolerance({score, state})) << label;
+      }
+}
+
 // Fused plans of different sizes (different kernel instances and shared memory) may all be made
 // first and run later in any order, and give the bits of plans made just before their run.
 TEST(CudaFusedPlans, MadeTogetherRunInAnyOrder) {
@@ -501,16 +585,17 @@ TEST(CudaFusedPlans, MadeTogetherRunInAnyOrder) {
 TEST(CudaGraph, CapturedRunReplaysWithNewInputs) {
   REQUIRE_GPU();
   // The fused step; the unfused path with its compress step (HCA with running state, where it
-  // applies); the unfused path's per-stage kernels.
-  for (CompressLaunch launch : {CompressLaunch::single, CompressLaunch::per_stage})
+  // applies); the unfused path's per-stage kernels; HCA's running step (automatic).
+  for (CompressLaunch launch : {CompressLaunch::single, CompressLaunch::per_stage, CompressLaunch::automatic})
   for (FusedDecode path : {FusedDecode::always, FusedDecode::off})
   for (CompressorKind kind : {CompressorKind::csa_main, CompressorKind::csa_indexer, CompressorKind::hca}) {
-    if (path == FusedDecode::always && launch == CompressLaunch::per_stage) continue;
+    if (path == FusedDecode::always && launch != CompressLaunch::single) continue;
+    if (launch == CompressLaunch::automatic && (path != FusedDecode::off || kind != CompressorKind::hca)) continue;
     CompressorSpec spec = CompressorSpec::preset(Model::flash, kind);
     if (small()) spec.hidden = 256;
     std::mt19937_64 rng(std::random_device{}());
     const RandomWeights w = random_weights(spec, rng());
-    const bool compress_step = path == FusedDecode::off && launch == CompressLaunch::single;
+    const bool compress_step = path == FusedDecode::off && launch != CompressLaunch::per_stage;
     const WindowState ws = compress_step && !spec.overlap() ? WindowState::running : WindowState::rows;
     const Compressor gpu(spec, w.view(spec),
                          {.device = Device::cuda(0), .precision = {DType::bf16, DType::f32}, .window_state = ws,

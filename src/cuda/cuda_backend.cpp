@@ -55,6 +55,9 @@ constexpr std::int64_t kFusedGroupMaxTokens = 32;
 // The automatic choice gives a ratio-128 compressor alone the compress step from this many
 // tokens (compress_step_alone).
 constexpr std::int64_t kCompressAloneMinTokens = 64;
+// ...unless every request appends at most this many tokens: then running_step (one block per
+// request, so a request's tokens are folded one after another) takes it (running_step_applies).
+constexpr std::int64_t kRunningStepMaxRequestTokens = 16;
 
 // Programmatic dependent launches (launch.cuh) need sm_90 or later.
 bool dependent_launch_supported(int device) {
@@ -128,6 +131,7 @@ struct CudaPlan {
   cuda::DevicePlan view;
   std::shared_ptr<FusedPlan> fused;
   std::shared_ptr<FusedPlan> compress_step;
+  bool running_step = false;  // the stages after the projection as launch_running_step
 };
 
 class CudaBackend final : public Backend {
@@ -200,10 +204,14 @@ class CudaBackend final : public Backend {
     if (own_rows && fused_wins(plan, spec_.projection_width(), false)) {
       cp->fused = make_fused_plan(device_, {fused_member(*cp, wkv_gate_.get())}, plan.num_tokens(), spec_.hidden, false);
       plan.fused = true;
-    } else if (own_rows) {
+    } else {
+      cp->running_step = running_step_applies(plan);
+      plan.compress_step = cp->running_step;
+    }
+    if (own_rows && !plan.fused) {
       cp->kv_score = device_alloc(device_, static_cast<std::size_t>(plan.num_tokens() * spec_.projection_width()) *
                                                dtype_size(precision_.kv_score));
-      if (compress_step_alone(plan)) {
+      if (!cp->running_step && compress_step_alone(plan)) {
         cp->compress_step = make_fused_plan(device_, {fused_member(*cp, nullptr)}, plan.num_tokens(), spec_.hidden, true);
         plan.compress_step = true;
       }
@@ -237,12 +245,16 @@ class CudaBackend final : public Backend {
     const auto& cp = *static_cast<const CudaPlan*>(plan.backend_data.get());
     const cuda::KvScoreView kv{rows.data, rows.dtype, rows.ld};
     const cuda::StateView st = state_view(state);
+    auto* cache = outputs.cache ? outputs.cache->as<std::uint8_t>() : nullptr;
+    auto* entries = outputs.entries ? outputs.entries->as<std::uint16_t>() : nullptr;
+    if (cp.running_step) {
+      cuda::launch_running_step(consts_, cp.view, kv, st, cache, entries, stream, pdl_);
+      return;
+    }
     auto* pooled = static_cast<float*>(cp.pooled.get());
     cuda::launch_pool_windows(consts_, cp.view, kv, st, pooled, stream, pdl_);
     cuda::launch_update_state(consts_, cp.view, kv, st, stream, pdl_);
-    cuda::launch_finish_entries(consts_, cp.view, pooled,
-                                outputs.cache ? outputs.cache->as<std::uint8_t>() : nullptr,
-                                outputs.entries ? outputs.entries->as<std::uint16_t>() : nullptr, stream, pdl_);
+    cuda::launch_finish_entries(consts_, cp.view, pooled, cache, entries, stream, pdl_);
   }
 
   std::unique_ptr<GroupProjection> make_group_projection(const std::vector<const Backend*>& members) const override;
@@ -329,6 +341,22 @@ class CudaBackend final : public Backend {
     if (!compress_step_supported(plan)) return false;
     if (options_.compress_launch == CompressLaunch::single) return true;
     return !spec_.overlap() && plan.num_tokens() >= kCompressAloneMinTokens;
+  }
+
+  // Whether the stages after this plan's projection run as launch_running_step: ratio 128 with
+  // running state, under CompressLaunch::automatic, in a decode-shaped step whose requests
+  // append at most kRunningStepMaxRequestTokens tokens each, whether it completes entries or
+  // not. One block per request pools and finishes its entries with no hand-off between
+  // blocks, where the compress step and the per-stage kernels pass every pooled value from the
+  // blocks that pool it to the one that finishes the entry (docs/PERF.md, twentieth pass).
+  bool running_step_applies(const detail::PlanData& plan) const {
+    if (options_.compress_launch != CompressLaunch::automatic || options_.window_state != WindowState::running ||
+        spec_.overlap() || !cuda::running_step_supported(static_cast<int>(spec_.head_dim)))
+      return false;
+    if (plan.num_tokens() < 1 || plan.num_tokens() > cuda::kFusedMaxTokens) return false;
+    for (const Request& q : plan.requests)
+      if (q.num_tokens > kRunningStepMaxRequestTokens) return false;
+    return true;
   }
 
   // This compressor as a member of a fused step over the weights at `w`.

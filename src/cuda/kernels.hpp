@@ -80,4 +80,12 @@ void launch_finish_entries(const CompressorConsts& c, const DevicePlan& plan, fl
 void launch_update_state(const CompressorConsts& c, const DevicePlan& plan, KvScoreView kv,
                          StateView state, cudaStream_t stream, bool pdl);
 
+// Ratio 128 with running state, a decode-shaped step: one block per request folds its tokens
+// into the accumulators and finishes every entry it completes (pooling, RMSNorm, RoPE,
+// quantization, store) itself, the bits of the three kernels above. `cache` and `entries` may
+// each be null.
+bool running_step_supported(int head_dim);
+void launch_running_step(const CompressorConsts& c, const DevicePlan& plan, KvScoreView kv, StateView state,
+                         std::uint8_t* cache, std::uint16_t* entries, cudaStream_t stream, bool pdl);
+
 }  // namespace dsv4::cuda
