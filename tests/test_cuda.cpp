@@ -448,9 +448,9 @@ TEST(CudaCompressStep, OneLaunchMatchesPerStageKernelsBitForBit) {
       }
 }
 
-// Ratio 128 with running state on the unfused path: decode-shaped steps whose requests append
-// at most 16 tokens each run launch_running_step (one block per request pools and finishes its
-// own entries). The same bits as the per-stage kernels (entries, cache rows) over plain decode
+// Ratio 128 with running state on the unfused path: decode-shaped steps that complete an entry
+// and whose requests append at most 16 tokens each run launch_running_step (one block per
+// request pools and finishes its own entries). The same bits as the per-stage kernels (entries, cache rows) over plain decode
 // of many requests (the one-token path) and over mixed decode-shaped steps (requests of 2..16
 // tokens take the general path, longer ones the other launches); within SPEC section 4 of the
 // CPU backend and of fp64. Flash and Pro, every kv_score/state dtype pair.
@@ -474,19 +474,30 @@ TEST(CudaRunningStep, OneBlockPerRequestMatchesPerStageKernelsBitForBit) {
         const Compressor one(spec, w.view(spec), automatic), staged(spec, w.view(spec), per_stage);
         {  // which steps take it: one launch after the projection (Plan::compress_step)
           StatePool pool(one, 64);
-          Batch decode, split, longer;
-          for (std::int64_t s = 0; s < 48; ++s) decode.add(s, 0, 1);
-          split.add(0, 0, 16);
+          // A token at a window's last position completes an entry; one at 0 completes none.
+          const std::int64_t last = spec.ratio - 1;
+          pool.data().next_position[7] = last;  // as if that many tokens were appended
+          pool.data().next_position[8] = last - 15;
+          pool.data().next_position[9] = last - 16;
+          Batch decode, no_entry, split, longer;
+          for (std::int64_t s = 0; s < 48; ++s) decode.add(s, s == 7 ? last : 0, 1);
+          decode.cache_locations = {0};
+          for (std::int64_t s = 10; s < 58; ++s) no_entry.add(s, 0, 1);
+          split.add(8, last - 15, 16);
           split.add(1, 0, 1);
-          longer.add(0, 0, 17);
-          EXPECT_TRUE(one.plan(decode, pool).compress_step()) << label << ": 48 one-token requests";
+          split.cache_locations = {0};
+          longer.add(9, last - 16, 17);
+          longer.cache_locations = {0};
+          EXPECT_TRUE(one.plan(decode, pool).compress_step()) << label << ": 48 one-token requests, one entry";
+          EXPECT_FALSE(one.plan(no_entry, pool).compress_step()) << label << ": 48 one-token requests, no entry";
           EXPECT_TRUE(one.plan(split, pool).compress_step()) << label << ": requests of 16 and 1 tokens";
-          EXPECT_FALSE(one.plan(longer, pool).compress_step()) << label << ": a 17-token request, no entry";
+          EXPECT_FALSE(one.plan(longer, pool).compress_step()) << label << ": a 17-token request";
           EXPECT_FALSE(staged.plan(decode, pool).compress_step()) << label << ": per-stage kernels asked for";
           Options rows = automatic;
           rows.window_state = WindowState::rows;
           const Compressor with_rows(spec, w.view(spec), rows);
           StatePool rows_pool(with_rows, 64);
+          rows_pool.data().next_position[7] = last;
           EXPECT_FALSE(with_rows.plan(decode, rows_pool).compress_step()) << label << ": stored rows";
         }
         auto buffers = test::device_buffers(Device::cuda(0));
