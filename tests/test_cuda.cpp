@@ -34,6 +34,21 @@ namespace {
 // DSV4_TEST_SMALL=1 shrinks the shapes (for compute-sanitizer, which runs kernels slowly).
 bool small() { return std::getenv("DSV4_TEST_SMALL") != nullptr; }
 
+// Calls f(model, kv_score dtype, state dtype, label) for Flash and Pro and every kv_score/state
+// dtype pair; under compute-sanitizer (small()) Flash with the two pairs of equal dtypes.
+template <class F>
+void for_models_and_precisions(F&& f) {
+  const std::vector<Model> models = small() ? std::vector<Model>{Model::flash} : std::vector<Model>{Model::flash, Model::pro};
+  for (Model model : models)
+    for (DType score : {DType::f32, DType::bf16})
+      for (DType state : {DType::f32, DType::bf16}) {
+        if (small() && score != state) continue;
+        f(model, score, state,
+          std::string(model_name(model)) + ", kv_score " + std::string(dtype_name(score)) + ", state " +
+              std::string(dtype_name(state)));
+      }
+}
+
 struct Case {
   Model model;
   CompressorKind kind;
@@ -345,107 +360,101 @@ TEST(CudaFusedGroup, OneLaunchMatchesMembersAloneBitForBit) {
 // layer's group.
 TEST(CudaCompressStep, OneLaunchMatchesPerStageKernelsBitForBit) {
   REQUIRE_GPU();
-  const std::vector<Model> models = small() ? std::vector<Model>{Model::flash} : std::vector<Model>{Model::flash, Model::pro};
-  for (Model model : models)
-    for (DType score : {DType::f32, DType::bf16})
-      for (DType state : {DType::f32, DType::bf16}) {
-        if (small() && score != state) continue;  // under compute-sanitizer: two of the four
-        const std::string label = std::string(model_name(model)) + ", kv_score " + std::string(dtype_name(score)) +
-                                  ", state " + std::string(dtype_name(state));
-        std::mt19937_64 rng(std::random_device{}());
-        Options single{.device = Device::cuda(0), .precision = {score, state}, .fused_decode = FusedDecode::off,
-                       .compress_launch = CompressLaunch::single};
-        Options per_stage = single;
-        per_stage.compress_launch = CompressLaunch::per_stage;
-        const CompressorKind kinds[] = {CompressorKind::csa_main, CompressorKind::csa_indexer, CompressorKind::hca};
-        std::vector<CompressorSpec> specs;
-        std::vector<RandomWeights> weights;
-        for (CompressorKind kind : kinds) {
-          specs.push_back(CompressorSpec::preset(model, kind));
-          if (small()) specs.back().hidden = 256;
-          weights.push_back(random_weights(specs.back(), rng()));
-        }
-        auto buffers = test::device_buffers(Device::cuda(0));
-        for (std::size_t k = 0; k < specs.size(); ++k) {
-          const CompressorSpec& spec = specs[k];
-          Options a = single, b = per_stage;
-          if (!spec.overlap()) a.window_state = b.window_state = WindowState::running;
-          const Compressor one(spec, weights[k].view(spec), a), staged(spec, weights[k].view(spec), b);
-          {  // which steps take it
-            StatePool pool(one, 1);
-            Batch step, prefill;
-            step.add(0, 0, 200);
-            prefill.add(0, 0, 300);
-            for (std::int64_t e = 0; e < windows_completed(0, 200, spec.ratio); ++e) step.cache_locations.push_back(e);
-            for (std::int64_t e = 0; e < windows_completed(0, 300, spec.ratio); ++e) prefill.cache_locations.push_back(e);
-            EXPECT_TRUE(one.plan(step, pool).compress_step()) << label;
-            EXPECT_FALSE(one.plan(prefill, pool).compress_step()) << label << ": more than 256 tokens";
-            Batch partial;  // completes no window: update_state alone
-            partial.add(0, 0, 2);
-            EXPECT_FALSE(one.plan(partial, pool).compress_step()) << label << ": no entry";
-            EXPECT_FALSE(staged.plan(step, pool).compress_step()) << label;
-            // The automatic choice: alone, only ratio 128 (running state) from 64 tokens.
-            Options automatic = a;
-            automatic.compress_launch = CompressLaunch::automatic;
-            const Compressor chooser(spec, weights[k].view(spec), automatic);
-            StatePool chooser_pool(chooser, 2);
-            chooser_pool.data().next_position[1] = 96;  // as if 96 tokens were appended
-            Batch short_step;  // 32 tokens that complete a window
-            short_step.add(1, spec.ratio == 4 ? 0 : 96, 32);
-            for (std::int64_t e = 0; e < windows_completed(short_step.requests[0].start, 32, spec.ratio); ++e)
-              short_step.cache_locations.push_back(e);
-            EXPECT_EQ(chooser.plan(step, chooser_pool).compress_step(), !spec.overlap()) << label;
-            EXPECT_FALSE(chooser.plan(short_step, chooser_pool).compress_step()) << label << ": 32 tokens";
-            if (!spec.overlap()) {  // ratio 128 with stored rows keeps the per-stage pooling
-              Options rows = single;
-              const Compressor with_rows(spec, weights[k].view(spec), rows);
-              StatePool rows_pool(with_rows, 1);
-              EXPECT_FALSE(with_rows.plan(step, rows_pool).compress_step()) << label;
-            }
-          }
-          const auto seqs = spec.ratio == 4 ? test::random_sequences(small() ? 24 : 60, 1, 60, spec.hidden, rng)
-                                            : test::random_sequences(small() ? 12 : 40, 100, 300, spec.hidden, rng);
-          const auto schedule = test::small_step_schedule(seqs, rng, 256);
-          const auto x = test::serve(one, seqs, schedule, *buffers, rng);
-          const auto y = test::serve(staged, seqs, schedule, *buffers, rng);
-          EXPECT_EQ(x.problems, "") << label;
-          EXPECT_EQ(y.problems, "") << label;
-          for (std::size_t i = 0; i < seqs.size(); ++i) {
-            EXPECT_EQ(x.entries[i], y.entries[i]) << label << ", " << kind_name(kinds[k]) << ", sequence " << i;
-            EXPECT_EQ(x.cache[i], y.cache[i]) << label << ", " << kind_name(kinds[k]) << ", sequence " << i;
-          }
-        }
-        // A CSA layer: main and indexer after one shared projection, in one launch.
-        const Compressor main_a(specs[0], weights[0].view(specs[0]), single),
-            idx_a(specs[1], weights[1].view(specs[1]), single);
-        const Compressor main_b(specs[0], weights[0].view(specs[0]), per_stage),
-            idx_b(specs[1], weights[1].view(specs[1]), per_stage);
-        const CompressorGroup group_a({&main_a, &idx_a}), group_b({&main_b, &idx_b});
-        {
-          StatePool pm(main_a, 1), pi(idx_a, 1), qm(main_b, 1), qi(idx_b, 1);
-          Batch b;
-          b.add(0, 0, 100);
-          for (std::int64_t e = 0; e < 25; ++e) b.cache_locations.push_back(e);
-          EXPECT_TRUE(group_a.plan({b, b}, {&pm, &pi}).compress_step()) << label;
-          EXPECT_FALSE(group_b.plan({b, b}, {&qm, &qi}).compress_step()) << label;
-          // The automatic choice takes it for a CSA layer's group.
-          Options automatic = single;
-          automatic.compress_launch = CompressLaunch::automatic;
-          const Compressor main_c(specs[0], weights[0].view(specs[0]), automatic),
-              idx_c(specs[1], weights[1].view(specs[1]), automatic);
-          const CompressorGroup group_c({&main_c, &idx_c});
-          StatePool rm(main_c, 1), ri(idx_c, 1);
-          EXPECT_TRUE(group_c.plan({b, b}, {&rm, &ri}).compress_step()) << label;
-        }
-        const auto seqs = test::random_sequences(small() ? 24 : 60, 1, 60, specs[0].hidden, rng);
-        const auto schedule = test::small_step_schedule(seqs, rng, 256);
-        const auto together = test::serve_group(group_a, seqs, schedule, *buffers);
-        const auto staged = test::serve_group(group_b, seqs, schedule, *buffers);
-        for (std::size_t i = 0; i < seqs.size(); ++i) {
-          EXPECT_EQ(together[0][i], staged[0][i]) << label << ", group main, sequence " << i;
-          EXPECT_EQ(together[1][i], staged[1][i]) << label << ", group indexer, sequence " << i;
+  for_models_and_precisions([&](Model model, DType score, DType state, const std::string& label) {
+    std::mt19937_64 rng(std::random_device{}());
+    Options single{.device = Device::cuda(0), .precision = {score, state}, .fused_decode = FusedDecode::off,
+                   .compress_launch = CompressLaunch::single};
+    Options per_stage = single;
+    per_stage.compress_launch = CompressLaunch::per_stage;
+    const CompressorKind kinds[] = {CompressorKind::csa_main, CompressorKind::csa_indexer, CompressorKind::hca};
+    std::vector<CompressorSpec> specs;
+    std::vector<RandomWeights> weights;
+    for (CompressorKind kind : kinds) {
+      specs.push_back(CompressorSpec::preset(model, kind));
+      if (small()) specs.back().hidden = 256;
+      weights.push_back(random_weights(specs.back(), rng()));
+    }
+    auto buffers = test::device_buffers(Device::cuda(0));
+    for (std::size_t k = 0; k < specs.size(); ++k) {
+      const CompressorSpec& spec = specs[k];
+      Options a = single, b = per_stage;
+      if (!spec.overlap()) a.window_state = b.window_state = WindowState::running;
+      const Compressor one(spec, weights[k].view(spec), a), staged(spec, weights[k].view(spec), b);
+      {  // which steps take it
+        StatePool pool(one, 1);
+        Batch step, prefill;
+        step.add(0, 0, 200);
+        prefill.add(0, 0, 300);
+        for (std::int64_t e = 0; e < windows_completed(0, 200, spec.ratio); ++e) step.cache_locations.push_back(e);
+        for (std::int64_t e = 0; e < windows_completed(0, 300, spec.ratio); ++e) prefill.cache_locations.push_back(e);
+        EXPECT_TRUE(one.plan(step, pool).compress_step()) << label;
+        EXPECT_FALSE(one.plan(prefill, pool).compress_step()) << label << ": more than 256 tokens";
+        Batch partial;  // completes no window: update_state alone
+        partial.add(0, 0, 2);
+        EXPECT_FALSE(one.plan(partial, pool).compress_step()) << label << ": no entry";
+        EXPECT_FALSE(staged.plan(step, pool).compress_step()) << label;
+        // The automatic choice: alone, only ratio 128 (running state) from 64 tokens.
+        Options automatic = a;
+        automatic.compress_launch = CompressLaunch::automatic;
+        const Compressor chooser(spec, weights[k].view(spec), automatic);
+        StatePool chooser_pool(chooser, 2);
+        chooser_pool.data().next_position[1] = 96;  // as if 96 tokens were appended
+        Batch short_step;  // 32 tokens that complete a window
+        short_step.add(1, spec.ratio == 4 ? 0 : 96, 32);
+        for (std::int64_t e = 0; e < windows_completed(short_step.requests[0].start, 32, spec.ratio); ++e)
+          short_step.cache_locations.push_back(e);
+        EXPECT_EQ(chooser.plan(step, chooser_pool).compress_step(), !spec.overlap()) << label;
+        EXPECT_FALSE(chooser.plan(short_step, chooser_pool).compress_step()) << label << ": 32 tokens";
+        if (!spec.overlap()) {  // ratio 128 with stored rows keeps the per-stage pooling
+          Options rows = single;
+          const Compressor with_rows(spec, weights[k].view(spec), rows);
+          StatePool rows_pool(with_rows, 1);
+          EXPECT_FALSE(with_rows.plan(step, rows_pool).compress_step()) << label;
         }
       }
+      const auto seqs = spec.ratio == 4 ? test::random_sequences(small() ? 24 : 60, 1, 60, spec.hidden, rng)
+                                        : test::random_sequences(small() ? 12 : 40, 100, 300, spec.hidden, rng);
+      const auto schedule = test::small_step_schedule(seqs, rng, 256);
+      const auto x = test::serve(one, seqs, schedule, *buffers, rng);
+      const auto y = test::serve(staged, seqs, schedule, *buffers, rng);
+      EXPECT_EQ(x.problems, "") << label;
+      EXPECT_EQ(y.problems, "") << label;
+      for (std::size_t i = 0; i < seqs.size(); ++i) {
+        EXPECT_EQ(x.entries[i], y.entries[i]) << label << ", " << kind_name(kinds[k]) << ", sequence " << i;
+        EXPECT_EQ(x.cache[i], y.cache[i]) << label << ", " << kind_name(kinds[k]) << ", sequence " << i;
+      }
+    }
+    // A CSA layer: main and indexer after one shared projection, in one launch.
+    const Compressor main_a(specs[0], weights[0].view(specs[0]), single),
+        idx_a(specs[1], weights[1].view(specs[1]), single);
+    const Compressor main_b(specs[0], weights[0].view(specs[0]), per_stage),
+        idx_b(specs[1], weights[1].view(specs[1]), per_stage);
+    const CompressorGroup group_a({&main_a, &idx_a}), group_b({&main_b, &idx_b});
+    {
+      StatePool pm(main_a, 1), pi(idx_a, 1), qm(main_b, 1), qi(idx_b, 1);
+      Batch b;
+      b.add(0, 0, 100);
+      for (std::int64_t e = 0; e < 25; ++e) b.cache_locations.push_back(e);
+      EXPECT_TRUE(group_a.plan({b, b}, {&pm, &pi}).compress_step()) << label;
+      EXPECT_FALSE(group_b.plan({b, b}, {&qm, &qi}).compress_step()) << label;
+      // The automatic choice takes it for a CSA layer's group.
+      Options automatic = single;
+      automatic.compress_launch = CompressLaunch::automatic;
+      const Compressor main_c(specs[0], weights[0].view(specs[0]), automatic),
+          idx_c(specs[1], weights[1].view(specs[1]), automatic);
+      const CompressorGroup group_c({&main_c, &idx_c});
+      StatePool rm(main_c, 1), ri(idx_c, 1);
+      EXPECT_TRUE(group_c.plan({b, b}, {&rm, &ri}).compress_step()) << label;
+    }
+    const auto seqs = test::random_sequences(small() ? 24 : 60, 1, 60, specs[0].hidden, rng);
+    const auto schedule = test::small_step_schedule(seqs, rng, 256);
+    const auto together = test::serve_group(group_a, seqs, schedule, *buffers);
+    const auto staged = test::serve_group(group_b, seqs, schedule, *buffers);
+    for (std::size_t i = 0; i < seqs.size(); ++i) {
+      EXPECT_EQ(together[0][i], staged[0][i]) << label << ", group main, sequence " << i;
+      EXPECT_EQ(together[1][i], staged[1][i]) << label << ", group indexer, sequence " << i;
+    }
+  });
 }
 
 // Ratio 128 with running state on the unfused path: decode-shaped steps that complete an entry
@@ -456,91 +465,85 @@ TEST(CudaCompressStep, OneLaunchMatchesPerStageKernelsBitForBit) {
 // CPU backend and of fp64. Flash and Pro, every kv_score/state dtype pair.
 TEST(CudaRunningStep, OneBlockPerRequestMatchesPerStageKernelsBitForBit) {
   REQUIRE_GPU();
-  const std::vector<Model> models = small() ? std::vector<Model>{Model::flash} : std::vector<Model>{Model::flash, Model::pro};
-  for (Model model : models)
-    for (DType score : {DType::f32, DType::bf16})
-      for (DType state : {DType::f32, DType::bf16}) {
-        if (small() && score != state) continue;  // under compute-sanitizer: two of the four
-        const std::string label = std::string(model_name(model)) + ", kv_score " + std::string(dtype_name(score)) +
-                                  ", state " + std::string(dtype_name(state));
-        std::mt19937_64 rng(std::random_device{}());
-        CompressorSpec spec = CompressorSpec::preset(model, CompressorKind::hca);
-        if (small()) spec.hidden = 256;
-        const RandomWeights w = random_weights(spec, rng());
-        const Options automatic{.device = Device::cuda(0), .precision = {score, state},
-                                .window_state = WindowState::running, .fused_decode = FusedDecode::off};
-        Options per_stage = automatic;
-        per_stage.compress_launch = CompressLaunch::per_stage;
-        const Compressor one(spec, w.view(spec), automatic), staged(spec, w.view(spec), per_stage);
-        {  // which steps take it: one launch after the projection (Plan::compress_step)
-          StatePool pool(one, 64);
-          // A token at a window's last position completes an entry; one at 0 completes none.
-          const std::int64_t last = spec.ratio - 1;
-          pool.data().next_position[7] = last;  // as if that many tokens were appended
-          pool.data().next_position[8] = last - 15;
-          pool.data().next_position[9] = last - 16;
-          Batch decode, no_entry, split, longer;
-          for (std::int64_t s = 0; s < 48; ++s) decode.add(s, s == 7 ? last : 0, 1);
-          decode.cache_locations = {0};
-          for (std::int64_t s = 10; s < 58; ++s) no_entry.add(s, 0, 1);
-          split.add(8, last - 15, 16);
-          split.add(1, 0, 1);
-          split.cache_locations = {0};
-          longer.add(9, last - 16, 17);
-          longer.cache_locations = {0};
-          EXPECT_TRUE(one.plan(decode, pool).compress_step()) << label << ": 48 one-token requests, one entry";
-          EXPECT_FALSE(one.plan(no_entry, pool).compress_step()) << label << ": 48 one-token requests, no entry";
-          EXPECT_TRUE(one.plan(split, pool).compress_step()) << label << ": requests of 16 and 1 tokens";
-          EXPECT_FALSE(one.plan(longer, pool).compress_step()) << label << ": a 17-token request";
-          EXPECT_FALSE(staged.plan(decode, pool).compress_step()) << label << ": per-stage kernels asked for";
-          Options rows = automatic;
-          rows.window_state = WindowState::rows;
-          const Compressor with_rows(spec, w.view(spec), rows);
-          StatePool rows_pool(with_rows, 64);
-          rows_pool.data().next_position[7] = last;
-          EXPECT_FALSE(with_rows.plan(decode, rows_pool).compress_step()) << label << ": stored rows";
-        }
-        auto buffers = test::device_buffers(Device::cuda(0));
-        const auto seqs = test::random_sequences(small() ? 12 : 40, 130, 300, spec.hidden, rng);
-        const test::Schedule schedules[] = {test::decode_schedule(seqs, seqs.size()),
-                                            test::small_step_schedule(seqs, rng, 256)};
-        test::Served mixed;
-        for (const test::Schedule& schedule : schedules) {
-          const auto x = test::serve(one, seqs, schedule, *buffers, rng);
-          const auto y = test::serve(staged, seqs, schedule, *buffers, rng);
-          EXPECT_EQ(x.problems, "") << label;
-          EXPECT_EQ(y.problems, "") << label;
-          for (std::size_t i = 0; i < seqs.size(); ++i) {
-            EXPECT_EQ(x.entries[i], y.entries[i]) << label << ", sequence " << i;
-            EXPECT_EQ(x.cache[i], y.cache[i]) << label << ", sequence " << i;
-          }
-          mixed = x;
-        }
-        const Compressor cpu(spec, w.view(spec), {.precision = {score, state}, .window_state = WindowState::running});
-        auto host = test::host_buffers();
-        const auto h = test::serve(cpu, seqs, schedules[1], *host, rng);
-        ASSERT_EQ(h.problems, "") << label;
-        // Every sequence against the CPU; the first four against fp64 (its evaluation is slow).
-        std::vector<std::uint16_t> all_gpu, first_gpu;
-        std::vector<double> all_cpu, first_ref;
-        for (std::size_t i = 0; i < seqs.size(); ++i) {
-          EXPECT_EQ(test::check_stored_entries(spec, mixed.entries[i], mixed.cache[i], seqs[i].length / spec.ratio), "")
-              << label << ", sequence " << i;
-          all_gpu.insert(all_gpu.end(), mixed.entries[i].begin(), mixed.entries[i].end());
-          for (auto v : h.entries[i]) all_cpu.push_back(num::f32_from_bf16(v));
-          if (i >= 4) continue;
-          first_gpu.insert(first_gpu.end(), mixed.entries[i].begin(), mixed.entries[i].end());
-          const auto ref = test::reference_entries(spec, w, seqs[i].x.data(), seqs[i].length);
-          first_ref.insert(first_ref.end(), ref.begin(), ref.end());
-        }
-        ASSERT_FALSE(first_ref.empty());
-        const double vs_ref = test::relative_l2(first_gpu, first_ref), vs_cpu = test::relative_l2(all_gpu, all_cpu);
-        std::printf("    running step %s: %zu entries, relative L2 vs fp64 %.3g, vs CPU %.3g (tolerance %.0e)\n",
-                    label.c_str(), all_gpu.size() / static_cast<std::size_t>(spec.head_dim), vs_ref, vs_cpu,
-                    test::tolerance({score, state}));
-        EXPECT_LE(vs_ref, test::tolerance({score, state})) << label;
-        EXPECT_LE(vs_cpu, test::tolerance({score, state})) << label;
+  for_models_and_precisions([&](Model model, DType score, DType state, const std::string& label) {
+    std::mt19937_64 rng(std::random_device{}());
+    CompressorSpec spec = CompressorSpec::preset(model, CompressorKind::hca);
+    if (small()) spec.hidden = 256;
+    const RandomWeights w = random_weights(spec, rng());
+    const Options automatic{.device = Device::cuda(0), .precision = {score, state},
+                            .window_state = WindowState::running, .fused_decode = FusedDecode::off};
+    Options per_stage = automatic;
+    per_stage.compress_launch = CompressLaunch::per_stage;
+    const Compressor one(spec, w.view(spec), automatic), staged(spec, w.view(spec), per_stage);
+    {  // which steps take it: one launch after the projection (Plan::compress_step)
+      StatePool pool(one, 64);
+      // A token at a window's last position completes an entry; one at 0 completes none.
+      const std::int64_t last = spec.ratio - 1;
+      pool.data().next_position[7] = last;  // as if that many tokens were appended
+      pool.data().next_position[8] = last - 15;
+      pool.data().next_position[9] = last - 16;
+      Batch decode, no_entry, split, longer;
+      for (std::int64_t s = 0; s < 48; ++s) decode.add(s, s == 7 ? last : 0, 1);
+      decode.cache_locations = {0};
+      for (std::int64_t s = 10; s < 58; ++s) no_entry.add(s, 0, 1);
+      split.add(8, last - 15, 16);
+      split.add(1, 0, 1);
+      split.cache_locations = {0};
+      longer.add(9, last - 16, 17);
+      longer.cache_locations = {0};
+      EXPECT_TRUE(one.plan(decode, pool).compress_step()) << label << ": 48 one-token requests, one entry";
+      EXPECT_FALSE(one.plan(no_entry, pool).compress_step()) << label << ": 48 one-token requests, no entry";
+      EXPECT_TRUE(one.plan(split, pool).compress_step()) << label << ": requests of 16 and 1 tokens";
+      EXPECT_FALSE(one.plan(longer, pool).compress_step()) << label << ": a 17-token request";
+      EXPECT_FALSE(staged.plan(decode, pool).compress_step()) << label << ": per-stage kernels asked for";
+      Options rows = automatic;
+      rows.window_state = WindowState::rows;
+      const Compressor with_rows(spec, w.view(spec), rows);
+      StatePool rows_pool(with_rows, 64);
+      rows_pool.data().next_position[7] = last;
+      EXPECT_FALSE(with_rows.plan(decode, rows_pool).compress_step()) << label << ": stored rows";
+    }
+    auto buffers = test::device_buffers(Device::cuda(0));
+    const auto seqs = test::random_sequences(small() ? 12 : 40, 130, 300, spec.hidden, rng);
+    const test::Schedule schedules[] = {test::decode_schedule(seqs, seqs.size()),
+                                        test::small_step_schedule(seqs, rng, 256)};
+    test::Served mixed;
+    for (const test::Schedule& schedule : schedules) {
+      const auto x = test::serve(one, seqs, schedule, *buffers, rng);
+      const auto y = test::serve(staged, seqs, schedule, *buffers, rng);
+      EXPECT_EQ(x.problems, "") << label;
+      EXPECT_EQ(y.problems, "") << label;
+      for (std::size_t i = 0; i < seqs.size(); ++i) {
+        EXPECT_EQ(x.entries[i], y.entries[i]) << label << ", sequence " << i;
+        EXPECT_EQ(x.cache[i], y.cache[i]) << label << ", sequence " << i;
       }
+      mixed = x;
+    }
+    const Compressor cpu(spec, w.view(spec), {.precision = {score, state}, .window_state = WindowState::running});
+    auto host = test::host_buffers();
+    const auto h = test::serve(cpu, seqs, schedules[1], *host, rng);
+    ASSERT_EQ(h.problems, "") << label;
+    // Every sequence against the CPU; the first four against fp64 (its evaluation is slow).
+    std::vector<std::uint16_t> all_gpu, first_gpu;
+    std::vector<double> all_cpu, first_ref;
+    for (std::size_t i = 0; i < seqs.size(); ++i) {
+      EXPECT_EQ(test::check_stored_entries(spec, mixed.entries[i], mixed.cache[i], seqs[i].length / spec.ratio), "")
+          << label << ", sequence " << i;
+      all_gpu.insert(all_gpu.end(), mixed.entries[i].begin(), mixed.entries[i].end());
+      for (auto v : h.entries[i]) all_cpu.push_back(num::f32_from_bf16(v));
+      if (i >= 4) continue;
+      first_gpu.insert(first_gpu.end(), mixed.entries[i].begin(), mixed.entries[i].end());
+      const auto ref = test::reference_entries(spec, w, seqs[i].x.data(), seqs[i].length);
+      first_ref.insert(first_ref.end(), ref.begin(), ref.end());
+    }
+    ASSERT_FALSE(first_ref.empty());
+    const double vs_ref = test::relative_l2(first_gpu, first_ref), vs_cpu = test::relative_l2(all_gpu, all_cpu);
+    std::printf("    running step %s: %zu entries, relative L2 vs fp64 %.3g, vs CPU %.3g (tolerance %.0e)\n",
+                label.c_str(), all_gpu.size() / static_cast<std::size_t>(spec.head_dim), vs_ref, vs_cpu,
+                test::tolerance({score, state}));
+    EXPECT_LE(vs_ref, test::tolerance({score, state})) << label;
+    EXPECT_LE(vs_cpu, test::tolerance({score, state})) << label;
+  });
 }
 
 // Fused plans of different sizes (different kernel instances and shared memory) may all be made
