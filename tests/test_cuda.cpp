@@ -457,9 +457,9 @@ TEST(CudaCompressStep, OneLaunchMatchesPerStageKernelsBitForBit) {
   });
 }
 
-// Ratio 128 with running state on the unfused path: decode-shaped steps that complete an entry
-// and whose requests append at most 16 tokens each run launch_running_step (one block per
-// request pools and finishes its own entries). The same bits as the per-stage kernels (entries, cache rows) over plain decode
+// Ratio 128 with running state on the unfused path: decode-shaped steps whose requests append
+// at most 16 tokens each run launch_running_step (one block per request folds its tokens and
+// pools and finishes its own entries), whether or not they complete an entry. The same bits as the per-stage kernels (entries, cache rows) over plain decode
 // of many requests (the one-token path) and over mixed decode-shaped steps (requests of 2..16
 // tokens take the general path, longer ones the other launches); within SPEC section 4 of the
 // CPU backend and of fp64. Flash and Pro, every kv_score/state dtype pair.
@@ -492,7 +492,7 @@ TEST(CudaRunningStep, OneBlockPerRequestMatchesPerStageKernelsBitForBit) {
       longer.add(9, last - 16, 17);
       longer.cache_locations = {0};
       EXPECT_TRUE(one.plan(decode, pool).compress_step()) << label << ": 48 one-token requests, one entry";
-      EXPECT_FALSE(one.plan(no_entry, pool).compress_step()) << label << ": 48 one-token requests, no entry";
+      EXPECT_TRUE(one.plan(no_entry, pool).compress_step()) << label << ": 48 one-token requests, no entry";
       EXPECT_TRUE(one.plan(split, pool).compress_step()) << label << ": requests of 16 and 1 tokens";
       EXPECT_FALSE(one.plan(longer, pool).compress_step()) << label << ": a 17-token request";
       EXPECT_FALSE(staged.plan(decode, pool).compress_step()) << label << ": per-stage kernels asked for";

@@ -344,18 +344,18 @@ class CudaBackend final : public Backend {
   }
 
   // Whether the stages after this plan's projection run as launch_running_step: ratio 128 with
-  // running state, under CompressLaunch::automatic, in a decode-shaped step that completes at
-  // least one entry and whose requests append at most kRunningStepMaxRequestTokens tokens
-  // each. One block per request pools and finishes its entries with no hand-off between
-  // blocks, where the compress step and the per-stage kernels pass every pooled value from the
-  // blocks that pool it to the one that finishes the entry. A step that completes none is
-  // faster on the per-stage kernels, whose state update spreads each request over more
-  // blocks (H100: 11.2 against 12.0 us, Flash B=64; docs/PERF.md, twenty-first pass).
+  // running state, under CompressLaunch::automatic, in a decode-shaped step whose requests
+  // append at most kRunningStepMaxRequestTokens tokens each. One block per request folds its
+  // tokens and pools and finishes its entries, with no hand-off between blocks, where the
+  // compress step and the per-stage kernels pass every pooled value from the blocks that pool
+  // it to the one that finishes the entry. With a thread per channel it is also the faster
+  // launch for steps that complete no entry (H200, Flash B=64: 10.8 against the per-stage
+  // kernels' 11.1 us; docs/PERF.md, twenty-second pass).
   bool running_step_applies(const detail::PlanData& plan) const {
     if (options_.compress_launch != CompressLaunch::automatic || options_.window_state != WindowState::running ||
         spec_.overlap() || !cuda::running_step_supported(static_cast<int>(spec_.head_dim)))
       return false;
-    if (plan.num_entries() < 1 || plan.num_tokens() > cuda::kFusedMaxTokens) return false;
+    if (plan.num_tokens() > cuda::kFusedMaxTokens) return false;
     for (const Request& q : plan.requests)
       if (q.num_tokens > kRunningStepMaxRequestTokens) return false;
     return true;

@@ -60,10 +60,17 @@ __device__ float pool_window(const CompressorConsts& c, const CallRows<ScoreT>& 
   return pooled_for_store(total.a / total.s);
 }
 
+// A thread per channel of a 512-wide entry (HCA's): with 128 threads, four channels a thread
+// and the entry's chain over four warps, Flash HCA at 64 requests took 14.7 us with an entry
+// each and 12.0 with none; with 512, 12.9 and 10.8 (H200; docs/PERF.md, twenty-second pass).
+// Two blocks an SM (64 registers) keep 256 requests in one wave.
+constexpr int kRunningThreads = 512;
+constexpr int kRunningPerThread = kPerThreadOf<kRunningThreads>;
+
 template <class ScoreT>
-__global__ void __launch_bounds__(kFinishThreads) running_step_kernel(CompressorConsts c, DevicePlan p, KvScoreView kv,
-                                                                      StateView st, std::uint8_t* cache,
-                                                                      std::uint16_t* entries) {
+__global__ void __launch_bounds__(kRunningThreads, 2) running_step_kernel(CompressorConsts c, DevicePlan p, KvScoreView kv,
+                                                                          StateView st, std::uint8_t* cache,
+                                                                          std::uint16_t* entries) {
   __shared__ float v[kFinishMaxHeadDim];
   __shared__ float scratch[32];
   __shared__ float own[kFinishMaxHeadDim];  // pooled values, each read by the thread that wrote it
@@ -74,8 +81,8 @@ __global__ void __launch_bounds__(kFinishThreads) running_step_kernel(Compressor
                               c.round_bf16};
   float* acc = reinterpret_cast<float*>(static_cast<char*>(st.data) + p.slot[i] * st.slot_bytes);
   // The first entry's norm weights, cache row and RoPE angle come from the plan and weights.
-  EntryInputs in{};
-  if (e1 > e0) in = load_entry_inputs(c, p, cache != nullptr, e0);
+  EntryInputsOf<kRunningThreads> in{};
+  if (e1 > e0) in = load_entry_inputs<kRunningThreads>(c, p, cache != nullptr, e0);
   // kv_score and the accumulators below (every block waits: see update_state_kernel).
   wait_for_previous_kernel();
   allow_next_kernel();
@@ -84,21 +91,21 @@ __global__ void __launch_bounds__(kFinishThreads) running_step_kernel(Compressor
     const std::int64_t w0 = window_start_of(c, start);
     const bool has_acc = w0 < start;
     const float* ape = c.ape + (start - w0) * hd;
-    float m[kFinishPerThread], s[kFinishPerThread], a[kFinishPerThread], score[kFinishPerThread],
-        value[kFinishPerThread], bias[kFinishPerThread];
+    float m[kRunningPerThread], s[kRunningPerThread], a[kRunningPerThread], score[kRunningPerThread],
+        value[kRunningPerThread], bias[kRunningPerThread];
 #pragma unroll
-    for (int k = 0; k < kFinishPerThread; ++k) {
-      const int d = threadIdx.x + k * kFinishThreads;
+    for (int k = 0; k < kRunningPerThread; ++k) {
+      const int d = threadIdx.x + k * kRunningThreads;
       m[k] = -INFINITY, s[k] = a[k] = score[k] = value[k] = bias[k] = 0.0f;
       if (d >= hd) continue;
       if (has_acc) m[k] = acc[d], s[k] = acc[hd + d], a[k] = acc[2 * hd + d];
       call.at(start, d, score[k], value[k]);
       bias[k] = ape[d];
     }
-    PooledValues pooled;
+    PooledValuesOf<kRunningThreads> pooled;
 #pragma unroll
-    for (int k = 0; k < kFinishPerThread; ++k) {
-      const int d = threadIdx.x + k * kFinishThreads;
+    for (int k = 0; k < kRunningPerThread; ++k) {
+      const int d = threadIdx.x + k * kRunningThreads;
       Softmax sm{m[k], s[k], a[k]};  // -inf, 0, 0 without accumulators: Softmax{}
       sm.add(score[k] + bias[k], value[k]);
       pooled.v[k] = d < hd ? pooled_for_store(sm.a / sm.s) : 0.0f;
@@ -111,15 +118,15 @@ __global__ void __launch_bounds__(kFinishThreads) running_step_kernel(Compressor
 
   for (std::int64_t e = e0; e < e1; ++e) {  // the same count in every thread of the block
     const std::int64_t w = window_of(c, start) + (e - e0);
-    if (e > e0) in = load_entry_inputs(c, p, cache != nullptr, e);
+    if (e > e0) in = load_entry_inputs<kRunningThreads>(c, p, cache != nullptr, e);
     // Each thread's channels one after another, through shared memory it alone reads back:
-    // unrolled over the eight channels a thread may hold, the pooling spilled registers.
+    // unrolled over the channels a thread may hold, the pooling spilled registers.
 #pragma unroll 1
-    for (int d = threadIdx.x; d < hd; d += kFinishThreads) own[d] = pool_window(c, call, acc, w, d);
-    PooledValues pooled;
+    for (int d = threadIdx.x; d < hd; d += kRunningThreads) own[d] = pool_window(c, call, acc, w, d);
+    PooledValuesOf<kRunningThreads> pooled;
 #pragma unroll
-    for (int k = 0; k < kFinishPerThread; ++k) {
-      const int d = threadIdx.x + k * kFinishThreads;
+    for (int k = 0; k < kRunningPerThread; ++k) {
+      const int d = threadIdx.x + k * kRunningThreads;
       pooled.v[k] = d < hd ? own[d] : 0.0f;
     }
     finish_entry(c, in, pooled, cache, entries, e, v, scratch);
@@ -129,7 +136,7 @@ __global__ void __launch_bounds__(kFinishThreads) running_step_kernel(Compressor
   const std::int64_t w0 = window_start_of(c, end);
   if (w0 == end) return;
 #pragma unroll 1
-  for (int d = threadIdx.x; d < hd; d += kFinishThreads) {
+  for (int d = threadIdx.x; d < hd; d += kRunningThreads) {
     Softmax sm;
     if (w0 < start) sm = Softmax{acc[d], acc[hd + d], acc[2 * hd + d]};
     for (std::int64_t q = max(w0, start); q < end; ++q) {
@@ -150,7 +157,7 @@ bool running_step_supported(int head_dim) { return head_dim > 0 && head_dim <= k
 void launch_running_step(const CompressorConsts& c, const DevicePlan& p, KvScoreView kv, StateView st,
                          std::uint8_t* cache, std::uint16_t* entries, cudaStream_t stream, bool pdl) {
   if (p.num_requests == 0) return;
-  const dim3 grid(static_cast<unsigned>(p.num_requests)), block(kFinishThreads);
+  const dim3 grid(static_cast<unsigned>(p.num_requests)), block(kRunningThreads);
   if (kv.dtype == DType::f32)
     launch_kernel(running_step_kernel<float>, grid, block, 0, stream, pdl, c, p, kv, st, cache, entries);
   else
