@@ -79,9 +79,9 @@ enum class FusedDecode {
 enum class CompressLaunch {
   // One launch where measured faster (docs/PERF.md): a CSA layer's main and indexer
   // (CompressorGroup) in steps that complete an entry; ratio 128 with WindowState::running
-  // alone in steps that complete an entry: one block per request pools and finishes its own
-  // entries where every request appends at most 16 tokens, else one launch from 64 tokens.
-  // Elsewhere the per-stage kernels.
+  // alone: where every request appends at most 16 tokens, one block per request folds its
+  // tokens and pools and finishes its own entries (with or without an entry), else one
+  // launch from 64 tokens in steps that complete an entry. Elsewhere the per-stage kernels.
   automatic,
   // Pooling, state update and entries in one launch, for every member of a CompressorGroup
   // together, in every step that completes an entry where the shape allows it (ratio 4, or
