@@ -349,7 +349,7 @@ class CudaBackend final : public Backend {
   // tokens and pools and finishes its entries, with no hand-off between blocks, where the
   // compress step and the per-stage kernels pass every pooled value from the blocks that pool
   // it to the one that finishes the entry. With a thread per channel it is also the faster
-  // launch for steps that complete no entry (H200, Flash B=64: 10.8 against the per-stage
+  // launch for steps that complete no entry (H100, Flash B=64: 10.8 against the per-stage
   // kernels' 11.1 us; docs/PERF.md, twenty-second pass).
   bool running_step_applies(const detail::PlanData& plan) const {
     if (options_.compress_launch != CompressLaunch::automatic || options_.window_state != WindowState::running ||

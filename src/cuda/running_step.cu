@@ -61,8 +61,8 @@ __device__ float pool_window(const CompressorConsts& c, const CallRows<ScoreT>& 
 }
 
 // A thread per channel of a 512-wide entry (HCA's): with 128 threads, four channels a thread
-// and the entry's chain over four warps, Flash HCA at 64 requests took 14.7 us with an entry
-// each and 12.0 with none; with 512, 12.9 and 10.8 (H200; docs/PERF.md, twenty-second pass).
+// and the entry's chain over four warps, Flash HCA at 64 requests took 14.6 us with an entry
+// each and 12.0 with none; with 512, 13.1 and 10.8 (H100; docs/PERF.md, twenty-second pass).
 // Two blocks an SM (64 registers) keep 256 requests in one wave.
 constexpr int kRunningThreads = 512;
 constexpr int kRunningPerThread = kPerThreadOf<kRunningThreads>;
