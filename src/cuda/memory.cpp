@@ -27,9 +27,13 @@ void cuda_free(int device, void* p) {
   cudaSetDevice(previous);
 }
 
+// Complete on return, whatever the memory: from pageable host memory cudaMemcpy may return
+// before its last DMA lands, and work the caller then queues on a non-blocking stream is not
+// ordered after it (a graph replay read part of a state restored so, before the sync).
 void cuda_copy(int device, void* dst, const void* src, std::size_t bytes) {
   cuda::DeviceGuard guard(device);
   DSV4_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDefault));
+  DSV4_CUDA_CHECK(cudaDeviceSynchronize());
 }
 
 void cuda_fill(int device, void* p, std::uint8_t byte, std::size_t bytes) {
