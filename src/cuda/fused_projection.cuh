@@ -239,23 +239,9 @@ __device__ __forceinline__ void ring_pass(const FusedStep& f, float* out, int pa
     refill(a);
     const std::uint16_t* slot = ring + (a % kRingSlots) * slot_elems;
     const int steps = a == atoms - 1 ? last_steps : 4;
-    wgmma_fence();
-#pragma unroll
-    for (int s = 0; s < 4; ++s) {
-      if (s >= steps) break;
-      const std::uint64_t w = sw128_descriptor(slot + 16 * s);
-#pragma unroll
-      for (int u = 0; u < kSubs; ++u)
-        wgmma_ss<kSubW>(d[u], w, sw128_descriptor(slot + kFusedRowsPerBlock * 64 + u * 64 * 64 + 16 * s));
-    }
-    wgmma_commit();
-    wgmma_wait<1>();
-#pragma unroll
-    for (int u = 0; u < kSubs; ++u) wgmma_hold(d[u]);
+    wgmma_atom<kSubs, kSubW>(d, slot, slot + kFusedRowsPerBlock * 64, steps);
   }
-  wgmma_wait<0>();
-#pragma unroll
-  for (int u = 0; u < kSubs; ++u) wgmma_hold(d[u]);
+  wgmma_drain(d);
   DSV4_STAMP(f, mark2);
 #pragma unroll
   for (int u = 0; u < kSubs; ++u) {

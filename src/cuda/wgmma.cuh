@@ -139,6 +139,35 @@ __device__ __forceinline__ void wgmma_rs<8>(float (&d)[4], std::uint32_t a0, std
                : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(b));
 }
 
+// One 64-wide k atom of a 128-byte swizzle layout tile: D[u] += W x X[u] over the atom's first
+// `steps` k steps of 16 (4 in a whole atom), k in its natural order, issued as one group; then
+// waits for the group before it, so that the atom before this one may be overwritten. `w`:
+// the atom's 64 weight rows; `x`: its kSubs sub-tiles of kSubW tokens, each kSubW x 128 bytes
+// after the one before. The fused step's ring passes and the sliced projection multiply with
+// it, so both take the same k steps in the same order. wgmma_drain waits for the last group.
+template <int kSubs, int kSubW>
+__device__ __forceinline__ void wgmma_atom(float (&d)[kSubs][kSubW / 2], const std::uint16_t* w,
+                                           const std::uint16_t* x, int steps) {
+  wgmma_fence();
+#pragma unroll
+  for (int s = 0; s < 4; ++s) {
+    if (s >= steps) break;
+    const std::uint64_t ws = sw128_descriptor(w + 16 * s);
+#pragma unroll
+    for (int u = 0; u < kSubs; ++u) wgmma_ss<kSubW>(d[u], ws, sw128_descriptor(x + u * kSubW * 64 + 16 * s));
+  }
+  wgmma_commit();
+  wgmma_wait<1>();
+#pragma unroll
+  for (int u = 0; u < kSubs; ++u) wgmma_hold(d[u]);
+}
+template <int kSubs, int kRegs>
+__device__ __forceinline__ void wgmma_drain(float (&d)[kSubs][kRegs]) {
+  wgmma_wait<0>();
+#pragma unroll
+  for (int u = 0; u < kSubs; ++u) wgmma_hold(d[u]);
+}
+
 // A row's 32-wide k block loaded as 16 bytes a lane (lane t of each quad: 4-byte words
 // 4t..4t+3, k 8t..8t+7) into the A fragment order of two k steps (lane t: words t, t + 4,
 // t + 8, t + 12; k 2t, 8 + 2t, 16 + 2t, 24 + 2t and the next of each): a 4 x 4 transpose of
