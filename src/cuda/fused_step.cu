@@ -269,6 +269,20 @@ void attach_timeline(FusedStep& f, int blocks) {
 }
 #endif
 
+// The dynamic shared memory a block may take with kBlocksPerSm blocks an SM: static shared
+// memory is the same in every instance of the kernel.
+std::int64_t block_shared_budget(int device) {
+  int sm_bytes = 0, reserved = 0;
+  DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&sm_bytes, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
+  DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, device));
+  cudaFuncAttributes attributes{};
+  DSV4_CUDA_CHECK(cudaFuncGetAttributes(&attributes, fused_step_kernel<false, false, true, false>));
+  return sm_bytes / kBlocksPerSm - reserved - static_cast<std::int64_t>(attributes.sharedSizeBytes);
+}
+
+}  // namespace
+
+namespace {
 // Whether the code loaded for the current device was built for sm_90a (wgmma); a build for
 // sm_90 without its features runs the mma.sync path of every projection item.
 __global__ void report_wgmma_code(int* has) {
@@ -278,6 +292,7 @@ __global__ void report_wgmma_code(int* has) {
   *has = 0;
 #endif
 }
+}  // namespace
 
 // report_wgmma_code's answer per device, asked once (a launch and a copy back): plans and the
 // automatic choice read it afterwards without touching the device.
@@ -298,19 +313,6 @@ bool wgmma_code_loaded(int device) {
   DSV4_CUDA_CHECK(copied);
   return known[device] = has == 1;
 }
-
-// The dynamic shared memory a block may take with kBlocksPerSm blocks an SM: static shared
-// memory is the same in every instance of the kernel.
-std::int64_t block_shared_budget(int device) {
-  int sm_bytes = 0, reserved = 0;
-  DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&sm_bytes, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
-  DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, device));
-  cudaFuncAttributes attributes{};
-  DSV4_CUDA_CHECK(cudaFuncGetAttributes(&attributes, fused_step_kernel<false, false, true, false>));
-  return sm_bytes / kBlocksPerSm - reserved - static_cast<std::int64_t>(attributes.sharedSizeBytes);
-}
-
-}  // namespace
 
 bool fused_multiplies_on_wgmma(int device, std::int64_t hidden) {
   // wgmma (sm_90a) where a step of 8 tokens keeps every k block of its items in shared memory

@@ -28,10 +28,14 @@ struct DevicePlan {
 };
 
 // This call's kv_score rows: kv columns [0, coff*hd), score columns [coff*hd, 2*coff*hd).
+// With `slices` > 0 the rows are the sliced projection's fp32 partial sums (slices of hidden,
+// `slice_stride` elements apart), which a reader adds in slice order.
 struct KvScoreView {
   const void* data = nullptr;
   DType dtype = DType::f32;
   std::int64_t ld = 0;  // elements between consecutive rows
+  int slices = 0;
+  std::int64_t slice_stride = 0;
 };
 
 // The state pool: per slot a ring of ring_rows rows of `width` elements.
@@ -79,6 +83,17 @@ void launch_finish_entries(const CompressorConsts& c, const DevicePlan& plan, fl
 // still read what this overwrites.
 void launch_update_state(const CompressorConsts& c, const DevicePlan& plan, KvScoreView kv,
                          StateView state, cudaStream_t stream, bool pdl);
+
+// Whether the code loaded for `device` was built for sm_90a (wgmma); asked once per device.
+bool wgmma_code_loaded(int device);
+
+// The sliced projection (slice_projection.cu): x [tokens, hidden] @ w [width, hidden]^T as
+// fp32 partial sums partials[kFusedSlices][tokens][width], with the fused step's arithmetic,
+// for the running step to add (KvScoreView::slices). sm_90a, hidden a multiple of 512, width
+// of 64, at most 128 tokens, where shared memory holds a slice's weights.
+bool slice_projection_supported(int device, std::int64_t hidden, std::int64_t width, std::int64_t tokens);
+void launch_slice_projection(int device, const void* x, std::int64_t tokens, std::int64_t hidden, const void* w,
+                             std::int64_t width, float* partials, cudaStream_t stream, bool pdl);
 
 // Ratio 128 with running state, a decode-shaped step: one block per request folds its tokens
 // into the accumulators and finishes every entry it completes (pooling, RMSNorm, RoPE,

@@ -24,10 +24,41 @@ struct CallRows {
   int head_dim;
   bool round_bf16;
 
+  __device__ static CallRows of(const CompressorConsts& c, const DevicePlan& p, const KvScoreView& kv, int i) {
+    return {static_cast<const ScoreT*>(kv.data) + p.token_offset[i] * kv.ld, kv.ld, p.start[i], c.head_dim,
+            c.round_bf16};
+  }
   __device__ void at(std::int64_t position, int d, float& score, float& value) const {
     const ScoreT* row = rows + (position - start) * ld;
     score = to_float(row[head_dim + d]);
     value = to_float(row[d]);
+    if (round_bf16) score = num::round_to_bf16(score), value = num::round_to_bf16(value);
+  }
+};
+
+// The sliced projection's rows (KvScoreView::slices): a value is its fp32 partial sums added
+// in slice order, then rounded as a bf16 kv_score would be, which is what the fused step's
+// pool items do with their partial sums (sum_slices), so the two paths give the same bits.
+struct SliceSums {};
+template <>
+struct CallRows<SliceSums> {
+  const float* rows;
+  std::int64_t ld, start, slice_stride;
+  int slices, head_dim;
+  bool round_bf16;
+
+  __device__ static CallRows of(const CompressorConsts& c, const DevicePlan& p, const KvScoreView& kv, int i) {
+    return {static_cast<const float*>(kv.data) + p.token_offset[i] * kv.ld, kv.ld, p.start[i], kv.slice_stride,
+            kv.slices, c.head_dim, c.round_bf16};
+  }
+  __device__ void at(std::int64_t position, int d, float& score, float& value) const {
+    const float* row = rows + (position - start) * ld;
+    score = row[head_dim + d];
+    value = row[d];
+    for (int s = 1; s < slices; ++s) {
+      score += row[s * slice_stride + head_dim + d];
+      value += row[s * slice_stride + d];
+    }
     if (round_bf16) score = num::round_to_bf16(score), value = num::round_to_bf16(value);
   }
 };
@@ -77,8 +108,7 @@ __global__ void __launch_bounds__(kRunningThreads, 2) running_step_kernel(Compre
   const int i = blockIdx.x, hd = c.head_dim;
   const std::int64_t start = p.start[i], end = start + p.num_tokens[i];
   const std::int64_t e0 = p.entry_offset[i], e1 = p.entry_offset[i + 1];
-  const CallRows<ScoreT> call{static_cast<const ScoreT*>(kv.data) + p.token_offset[i] * kv.ld, kv.ld, start, hd,
-                              c.round_bf16};
+  const auto call = CallRows<ScoreT>::of(c, p, kv, i);
   float* acc = reinterpret_cast<float*>(static_cast<char*>(st.data) + p.slot[i] * st.slot_bytes);
   // The first entry's norm weights, cache row and RoPE angle come from the plan and weights.
   EntryInputsOf<kRunningThreads> in{};
@@ -158,7 +188,9 @@ void launch_running_step(const CompressorConsts& c, const DevicePlan& p, KvScore
                          std::uint8_t* cache, std::uint16_t* entries, cudaStream_t stream, bool pdl) {
   if (p.num_requests == 0) return;
   const dim3 grid(static_cast<unsigned>(p.num_requests)), block(kRunningThreads);
-  if (kv.dtype == DType::f32)
+  if (kv.slices > 0)
+    launch_kernel(running_step_kernel<SliceSums>, grid, block, 0, stream, pdl, c, p, kv, st, cache, entries);
+  else if (kv.dtype == DType::f32)
     launch_kernel(running_step_kernel<float>, grid, block, 0, stream, pdl, c, p, kv, st, cache, entries);
   else
     launch_kernel(running_step_kernel<std::uint16_t>, grid, block, 0, stream, pdl, c, p, kv, st, cache, entries);
