@@ -458,6 +458,34 @@ TEST(CudaCompressStep, OneLaunchMatchesPerStageKernelsBitForBit) {
   });
 }
 
+// Served entries against the CPU backend's on the same schedule (every sequence) and the fp64
+// formula (the first `with_fp64` sequences, its evaluation being slow), both within SPEC
+// section 4, and stored entries the quantization of the bf16 ones. Prints one line: `what`,
+// the entries, the two distances.
+void check_served_entries(const std::string& what, const CompressorSpec& spec, const RandomWeights& w,
+                          const std::vector<test::Sequence>& seqs, const test::Served& gpu, const test::Served& cpu,
+                          std::size_t with_fp64, Precision precision) {
+  std::vector<std::uint16_t> all_gpu, first_gpu;
+  std::vector<double> all_cpu, first_ref;
+  for (std::size_t i = 0; i < seqs.size(); ++i) {
+    EXPECT_EQ(test::check_stored_entries(spec, gpu.entries[i], gpu.cache[i], seqs[i].length / spec.ratio), "")
+        << what << ", sequence " << i;
+    all_gpu.insert(all_gpu.end(), gpu.entries[i].begin(), gpu.entries[i].end());
+    for (auto v : cpu.entries[i]) all_cpu.push_back(num::f32_from_bf16(v));
+    if (i >= with_fp64) continue;
+    first_gpu.insert(first_gpu.end(), gpu.entries[i].begin(), gpu.entries[i].end());
+    const auto ref = test::reference_entries(spec, w, seqs[i].x.data(), seqs[i].length);
+    first_ref.insert(first_ref.end(), ref.begin(), ref.end());
+  }
+  ASSERT_FALSE(first_ref.empty()) << what;
+  ASSERT_FALSE(all_cpu.empty()) << what;
+  const double vs_ref = test::relative_l2(first_gpu, first_ref), vs_cpu = test::relative_l2(all_gpu, all_cpu);
+  std::printf("    %s: %zu entries, relative L2 vs fp64 %.3g, vs CPU %.3g (tolerance %.0e)\n", what.c_str(),
+              all_gpu.size() / static_cast<std::size_t>(spec.head_dim), vs_ref, vs_cpu, test::tolerance(precision));
+  EXPECT_LE(vs_ref, test::tolerance(precision)) << what;
+  EXPECT_LE(vs_cpu, test::tolerance(precision)) << what;
+}
+
 // Ratio 128 with running state on the unfused path: decode-shaped steps whose requests append
 // at most 16 tokens each run launch_running_step (one block per request folds its tokens and
 // pools and finishes its own entries), whether or not they complete an entry. The same bits as the per-stage kernels (entries, cache rows) over plain decode
@@ -524,26 +552,7 @@ TEST(CudaRunningStep, OneBlockPerRequestMatchesPerStageKernelsBitForBit) {
     auto host = test::host_buffers();
     const auto h = test::serve(cpu, seqs, schedules[1], *host, rng);
     ASSERT_EQ(h.problems, "") << label;
-    // Every sequence against the CPU; the first four against fp64 (its evaluation is slow).
-    std::vector<std::uint16_t> all_gpu, first_gpu;
-    std::vector<double> all_cpu, first_ref;
-    for (std::size_t i = 0; i < seqs.size(); ++i) {
-      EXPECT_EQ(test::check_stored_entries(spec, mixed.entries[i], mixed.cache[i], seqs[i].length / spec.ratio), "")
-          << label << ", sequence " << i;
-      all_gpu.insert(all_gpu.end(), mixed.entries[i].begin(), mixed.entries[i].end());
-      for (auto v : h.entries[i]) all_cpu.push_back(num::f32_from_bf16(v));
-      if (i >= 4) continue;
-      first_gpu.insert(first_gpu.end(), mixed.entries[i].begin(), mixed.entries[i].end());
-      const auto ref = test::reference_entries(spec, w, seqs[i].x.data(), seqs[i].length);
-      first_ref.insert(first_ref.end(), ref.begin(), ref.end());
-    }
-    ASSERT_FALSE(first_ref.empty());
-    const double vs_ref = test::relative_l2(first_gpu, first_ref), vs_cpu = test::relative_l2(all_gpu, all_cpu);
-    std::printf("    running step %s: %zu entries, relative L2 vs fp64 %.3g, vs CPU %.3g (tolerance %.0e)\n",
-                label.c_str(), all_gpu.size() / static_cast<std::size_t>(spec.head_dim), vs_ref, vs_cpu,
-                test::tolerance({score, state}));
-    EXPECT_LE(vs_ref, test::tolerance({score, state})) << label;
-    EXPECT_LE(vs_cpu, test::tolerance({score, state})) << label;
+    check_served_entries("running step " + label, spec, w, seqs, mixed, h, 4, {score, state});
   });
 }
 
@@ -627,29 +636,13 @@ TEST(CudaSlicedProjection, RunningStepsMatchFusedStepBitForBit) {
       ASSERT_EQ(x.problems, "") << label;
       ASSERT_EQ(y.problems, "") << label;
       ASSERT_EQ(h.problems, "") << label;
-      std::vector<std::uint16_t> all_gpu, first_gpu;
-      std::vector<double> all_cpu, first_ref;
-      for (std::size_t i = 0; i < seqs.size(); ++i) {
-        if (same_bits) {
+      if (same_bits)
+        for (std::size_t i = 0; i < seqs.size(); ++i) {
           EXPECT_EQ(x.entries[i], y.entries[i]) << label << ", sequence " << i;
           EXPECT_EQ(x.cache[i], y.cache[i]) << label << ", sequence " << i;
         }
-        EXPECT_EQ(test::check_stored_entries(spec, x.entries[i], x.cache[i], seqs[i].length / spec.ratio), "")
-            << label << ", sequence " << i;
-        all_gpu.insert(all_gpu.end(), x.entries[i].begin(), x.entries[i].end());
-        for (auto v : h.entries[i]) all_cpu.push_back(num::f32_from_bf16(v));
-        if (i >= 3) continue;
-        first_gpu.insert(first_gpu.end(), x.entries[i].begin(), x.entries[i].end());
-        const auto ref = test::reference_entries(spec, w, seqs[i].x.data(), seqs[i].length);
-        first_ref.insert(first_ref.end(), ref.begin(), ref.end());
-      }
-      ASSERT_FALSE(first_ref.empty());
-      const double vs_ref = test::relative_l2(first_gpu, first_ref), vs_cpu = test::relative_l2(all_gpu, all_cpu);
-      std::printf("    sliced projection %s: %zu steps, %zu entries, relative L2 vs fp64 %.3g, vs CPU %.3g (tolerance %.0e)\n",
-                  label.c_str(), schedule.size(), all_gpu.size() / static_cast<std::size_t>(spec.head_dim), vs_ref,
-                  vs_cpu, test::tolerance({score, state}));
-      EXPECT_LE(vs_ref, test::tolerance({score, state})) << label;
-      EXPECT_LE(vs_cpu, test::tolerance({score, state})) << label;
+      check_served_entries("sliced projection " + label + ", " + std::to_string(schedule.size()) + " steps", spec, w,
+                           seqs, x, h, 3, {score, state});
     }
   });
 }

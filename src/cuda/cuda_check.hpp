@@ -3,7 +3,10 @@
 
 #include <cuda_runtime.h>
 
+#include <map>
+#include <mutex>
 #include <string>
+#include <utility>
 
 #include "dsv4/types.hpp"
 
@@ -37,5 +40,19 @@ class DeviceGuard {
  private:
   int previous_ = 0;
 };
+
+// ask() with `device` current, once per device and call site (each lambda is a type of its
+// own, so it has its own table), under a lock; later calls return the first answer without
+// touching the device, so plans and graph-captured launches may read it.
+template <class Ask>
+auto once_per_device(int device, Ask ask) {
+  using Answer = decltype(ask());
+  static std::mutex lock;
+  static std::map<int, Answer> known;
+  const std::lock_guard<std::mutex> hold(lock);
+  if (const auto it = known.find(device); it != known.end()) return it->second;
+  const DeviceGuard guard(device);
+  return known[device] = ask();
+}
 
 }  // namespace dsv4::cuda

@@ -297,21 +297,18 @@ __global__ void report_wgmma_code(int* has) {
 // report_wgmma_code's answer per device, asked once (a launch and a copy back): plans and the
 // automatic choice read it afterwards without touching the device.
 bool wgmma_code_loaded(int device) {
-  static std::mutex lock;
-  static std::map<int, bool> known;
-  const std::lock_guard<std::mutex> hold(lock);
-  if (const auto it = known.find(device); it != known.end()) return it->second;
-  const DeviceGuard guard(device);
-  int* flag = nullptr;
-  int has = 0;
-  DSV4_CUDA_CHECK(cudaMalloc(&flag, sizeof(int)));
-  report_wgmma_code<<<1, 1>>>(flag);
-  const cudaError_t launched = cudaGetLastError();
-  const cudaError_t copied = cudaMemcpy(&has, flag, sizeof has, cudaMemcpyDeviceToHost);
-  cudaFree(flag);
-  DSV4_CUDA_CHECK(launched);
-  DSV4_CUDA_CHECK(copied);
-  return known[device] = has == 1;
+  return once_per_device(device, [] {
+    int* flag = nullptr;
+    int has = 0;
+    DSV4_CUDA_CHECK(cudaMalloc(&flag, sizeof(int)));
+    report_wgmma_code<<<1, 1>>>(flag);
+    const cudaError_t launched = cudaGetLastError();
+    const cudaError_t copied = cudaMemcpy(&has, flag, sizeof has, cudaMemcpyDeviceToHost);
+    cudaFree(flag);
+    DSV4_CUDA_CHECK(launched);
+    DSV4_CUDA_CHECK(copied);
+    return has == 1;
+  });
 }
 
 bool fused_multiplies_on_wgmma(int device, std::int64_t hidden) {

@@ -23,8 +23,6 @@
 #include "cuda/launch.cuh"
 #include "cuda/wgmma.cuh"
 
-#include <map>
-#include <mutex>
 #include <string>
 
 namespace dsv4::cuda {
@@ -138,16 +136,13 @@ using Kernel = void (*)(const std::uint16_t*, int, int, const std::uint16_t*, in
 // The device's shared memory a block may opt into, asked once per device; the first ask lets
 // every instance take it (so that launches, graph-captured ones included, touch no attribute).
 int shared_memory_limit(int device) {
-  static std::mutex lock;
-  static std::map<int, int> known;
-  const std::lock_guard<std::mutex> hold(lock);
-  if (const auto it = known.find(device); it != known.end()) return it->second;
-  const DeviceGuard guard(device);
-  int limit = 0;
-  DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  for (Kernel k : {slice_projection_kernel<1>, slice_projection_kernel<2>})
-    DSV4_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, limit));
-  return known[device] = limit;
+  return once_per_device(device, [device] {
+    int limit = 0;
+    DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    for (Kernel k : {slice_projection_kernel<1>, slice_projection_kernel<2>})
+      DSV4_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, limit));
+    return limit;
+  });
 }
 
 // The instance for `tokens` (sub-tiles of 64) at this hidden size; {nullptr, 0} where it has
