@@ -269,6 +269,16 @@ void attach_timeline(FusedStep& f, int blocks) {
 }
 #endif
 
+// Whether the code loaded for the current device was built for sm_90a (wgmma); a build for
+// sm_90 without its features runs the mma.sync path of every projection item.
+__global__ void report_wgmma_code(int* has) {
+#if defined(DSV4_HAVE_WGMMA)
+  *has = 1;
+#else
+  *has = 0;
+#endif
+}
+
 // The dynamic shared memory a block may take with kBlocksPerSm blocks an SM: static shared
 // memory is the same in every instance of the kernel.
 std::int64_t block_shared_budget(int device) {
@@ -280,18 +290,6 @@ std::int64_t block_shared_budget(int device) {
   return sm_bytes / kBlocksPerSm - reserved - static_cast<std::int64_t>(attributes.sharedSizeBytes);
 }
 
-}  // namespace
-
-namespace {
-// Whether the code loaded for the current device was built for sm_90a (wgmma); a build for
-// sm_90 without its features runs the mma.sync path of every projection item.
-__global__ void report_wgmma_code(int* has) {
-#if defined(DSV4_HAVE_WGMMA)
-  *has = 1;
-#else
-  *has = 0;
-#endif
-}
 }  // namespace
 
 // report_wgmma_code's answer per device, asked once (a launch and a copy back): plans and the
