@@ -647,6 +647,69 @@ TEST(CudaSlicedProjection, RunningStepsMatchFusedStepBitForBit) {
   });
 }
 
+// Both instances of the sliced projection (one sub-tile of 64 tokens, two of 64) in few
+// steps, few enough for racecheck (device-check.sh runs this one under it, not the test above):
+// 8 requests x 16 tokens (128 tokens) and 4 x 16 (64) in turn until each has completed an
+// entry, then 8 tokens of the first group (64: 8 each, one instance) and 2 of the second
+// (8 tokens: the fused step). Flash, whose partial sums are the fused step's: every entry and
+// cache row equals FusedDecode::always's bit for bit, and is within SPEC section 4 of the CPU
+// backend and of fp64.
+TEST(CudaSlicedProjection, BothInstancesGiveFusedStepBits) {
+  REQUIRE_GPU();
+  for_models_and_precisions([&](Model model, DType score, DType state, const std::string& label) {
+    if (model != Model::flash) return;
+    std::mt19937_64 rng(std::random_device{}());
+    // Flash's own hidden even under compute-sanitizer: 8 atoms of 64 k a slice, so that x
+    // goes around the kernel's ring of 4 slots (at hidden 512 a slice is one atom).
+    const CompressorSpec spec = CompressorSpec::preset(model, CompressorKind::hca);
+    if (!cuda::slice_projection_supported(0, spec.hidden, spec.projection_width(), 128) ||
+        !cuda::fused_multiplies_on_wgmma(0, spec.hidden)) {
+      std::printf("    %s: the sliced projection does not run here (needs sm_90a code on sm_90)\n", label.c_str());
+      return;
+    }
+    const RandomWeights w = random_weights(spec, rng());
+    const Options automatic{.device = Device::cuda(0), .precision = {score, state}, .window_state = WindowState::running};
+    Options always = automatic;
+    always.fused_decode = FusedDecode::always;
+    const Compressor sliced(spec, w.view(spec), automatic), fused(spec, w.view(spec), always);
+    const Compressor cpu(spec, w.view(spec), {.precision = {score, state}, .window_state = WindowState::running});
+    std::vector<test::Sequence> seqs = test::random_sequences(8, 136, 136, spec.hidden, rng);
+    for (auto& s : test::random_sequences(4, 130, 130, spec.hidden, rng)) seqs.push_back(std::move(s));
+    test::Schedule schedule;
+    auto group_step = [&](std::size_t first, std::size_t count, std::int64_t tokens) {
+      std::vector<std::pair<std::size_t, std::int64_t>> step;
+      for (std::size_t i = first; i < first + count; ++i) step.emplace_back(i, tokens);
+      schedule.push_back(std::move(step));
+    };
+    for (int k = 0; k < 8; ++k) group_step(0, 8, 16), group_step(8, 4, 16);
+    group_step(0, 8, 8);
+    group_step(8, 4, 2);
+    {  // the steps take the paths named above
+      StatePool pool(sliced, 16);
+      Batch wide, narrow, tail;
+      for (std::int64_t s = 0; s < 8; ++s) wide.add(s, 0, 16), tail.add(s, 0, 8);
+      for (std::int64_t s = 8; s < 12; ++s) narrow.add(s, 0, 16);
+      for (const Batch* b : {&wide, &narrow, &tail}) {
+        const Plan p = sliced.plan(*b, pool);
+        ASSERT_TRUE(p.sliced_projection() && !p.fused()) << label << ", " << b->requests.size() << " requests";
+      }
+    }
+    auto buffers = test::device_buffers(Device::cuda(0));
+    auto host = test::host_buffers();
+    const auto x = test::serve(sliced, seqs, schedule, *buffers, rng);
+    const auto y = test::serve(fused, seqs, schedule, *buffers, rng);
+    const auto h = test::serve(cpu, seqs, schedule, *host, rng);
+    ASSERT_EQ(x.problems, "") << label;
+    ASSERT_EQ(y.problems, "") << label;
+    ASSERT_EQ(h.problems, "") << label;
+    for (std::size_t i = 0; i < seqs.size(); ++i) {
+      EXPECT_EQ(x.entries[i], y.entries[i]) << label << ", sequence " << i;
+      EXPECT_EQ(x.cache[i], y.cache[i]) << label << ", sequence " << i;
+    }
+    check_served_entries("both sliced instances " + label, spec, w, seqs, x, h, 2, {score, state});
+  });
+}
+
 // Fused plans of different sizes (different kernel instances and shared memory) may all be made
 // first and run later in any order, and give the bits of plans made just before their run.
 TEST(CudaFusedPlans, MadeTogetherRunInAnyOrder) {
