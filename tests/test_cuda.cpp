@@ -247,14 +247,20 @@ TEST_P(CudaFused, DecodeStepsMatchCpuAndSplitsAreBitIdentical) {
           << "and a step that completes none alike";
       EXPECT_FALSE(chooser.plan(many, pool_a).fused()) << "and leaves 200 tokens to the unfused path";
       // Beyond 8 tokens, where fused steps multiply on wgmma, narrow projections stay fused:
-      // the indexer's 512 columns up to 64 tokens, HCA's 1024 (running state) up to 32.
+      // the indexer's 512 columns up to 64 tokens, HCA's 1024 (running state) up to 32, except
+      // where the running step (a request of at most 16 tokens) and the sliced projection
+      // take it.
       const bool narrow_fuses = cuda::fused_multiplies_on_wgmma(0, spec.hidden) && (spec.overlap() || ws == WindowState::running);
       const std::int64_t most = !narrow_fuses ? 8 : c.kind == CompressorKind::csa_indexer ? 64 : c.kind == CompressorKind::hca ? 32 : 8;
       for (std::int64_t tokens : {16, 32, 64}) {
         Batch wide;
         wide.add(0, 0, tokens);
         for (std::int64_t k = 0; k < windows_completed(0, tokens, spec.ratio); ++k) wide.cache_locations.push_back(k);
-        EXPECT_EQ(chooser.plan(wide, pool_a).fused(), tokens <= most) << tokens << " tokens";
+        const bool sliced = ws == WindowState::running && tokens <= 16 &&
+                            cuda::slice_projection_supported(0, spec.hidden, spec.projection_width(), tokens);
+        const Plan p = chooser.plan(wide, pool_a);
+        EXPECT_EQ(p.fused(), tokens <= most && !sliced) << tokens << " tokens";
+        EXPECT_EQ(p.sliced_projection(), sliced) << tokens << " tokens";
       }
     }
     // b decodes one token per sequence per step, at most 8 tokens a step (one 8-token tile, the
@@ -580,8 +586,8 @@ test::Schedule running_step_schedule(const std::vector<test::Sequence>& seqs, st
   return schedule;
 }
 
-// HCA with running state in steps the running step takes but the fused step does not (Flash
-// past 32 tokens, Pro past 8), up to 1 MiB of x: the automatic choice projects them with the
+// HCA with running state in steps of more than 8 tokens that the running step takes (at most
+// 16 a request), up to 1 MiB of x: the automatic choice projects them with the
 // sliced projection (sm_90a), whose partial sums are the fused step's. Where the fused step
 // multiplies on wgmma (Flash) every entry and cache row equals FusedDecode::always's bit for
 // bit, over plain decode of many requests and over steps of 1..16 tokens a request up to 128
@@ -613,6 +619,11 @@ TEST(CudaSlicedProjection, RunningStepsMatchFusedStepBitForBit) {
       const Plan p = sliced.plan(decode, pool);
       EXPECT_EQ(p.sliced_projection(), supported) << label << ": 48 one-token requests";
       EXPECT_TRUE(p.compress_step() && !p.fused()) << label << ": 48 one-token requests take the running step";
+      Batch sixteen;  // past the fused step's 8 tokens, where it would run its ring
+      for (std::int64_t s = 30; s < 46; ++s) sixteen.add(s, 0, 1);
+      const Plan p16 = sliced.plan(sixteen, pool);
+      EXPECT_EQ(p16.sliced_projection(), supported) << label << ": 16 one-token requests";
+      EXPECT_EQ(p16.fused(), !supported && cuda::fused_multiplies_on_wgmma(0, spec.hidden)) << label << ": 16 tokens";
       EXPECT_TRUE(sliced.plan(few, pool).fused()) << label << ": 4 tokens stay fused";
       EXPECT_FALSE(sliced.plan(few, pool).sliced_projection()) << label << ": 4 tokens";
       EXPECT_FALSE(sliced.plan(longer, pool).sliced_projection()) << label << ": a 17-token request";

@@ -69,9 +69,9 @@ enum class FusedDecode {
               // (CSA; a CSA layer's main and indexer in one launch, CompressorGroup), and at
               // ratio 128 with WindowState::running (HCA); where fused steps multiply on wgmma
               // (sm_90a, Flash's hidden), a CSA layer's group and HCA up to 32 tokens and a CSA
-              // indexer alone up to 64; HCA steps with running state that the fused step
-              // does not take but the one-block-per-request launch does (CompressLaunch), up
-              // to 1 MiB of x, are projected by the sliced projection (sm_90a;
+              // indexer alone up to 64; but HCA steps with running state of more than 8
+              // tokens that the one-block-per-request launch takes (CompressLaunch), up to
+              // 1 MiB of x, are projected by the sliced projection instead (sm_90a;
               // Plan::sliced_projection), which has the fused step's arithmetic
   always,     // fused for every supported step of at most 256 tokens (tests, benchmarks)
   off,        // always the unfused path: cuBLASLt projection, then the compress kernels

@@ -321,6 +321,13 @@ class CudaBackend final : public Backend {
     // 13.4 against 13.2.
     if (options_.fused_decode == FusedDecode::automatic) {
       if (!spec_.overlap() && options_.window_state != WindowState::running) return false;
+      // Ratio 128 with running state past 8 tokens: the sliced projection and the running
+      // step, where both apply, beat the fused ring step (Flash HCA decode B=32 10.7 against
+      // 13.3 us, no window 8.6 against 10.7; but at 1 and 8 tokens the fused step wins, 7.5
+      // against 9.4 and 8.1 against 9.8; docs/PERF.md, twenty-fourth pass).
+      if (!spec_.overlap() && plan.num_tokens() > kFusedAutoMaxTokens && running_step_applies(plan) &&
+          sliced_projection_wins(plan))
+        return false;
       const bool narrow = step_columns <= kFusedNarrowMaxColumns &&
                           step_columns * plan.num_tokens() <= kFusedNarrowMaxColumnTokens && wide_steps_on_wgmma_;
       const bool group = in_group && step_columns <= kFusedGroupMaxColumns &&
@@ -383,8 +390,8 @@ class CudaBackend final : public Backend {
   }
 
   // Whether a plan that takes the running step projects with the sliced projection (under
-  // FusedDecode::automatic; `off` keeps the library's GEMM): the steps the fused step does not
-  // take (Flash HCA past 32 tokens, Pro past 8) up to kSlicedMaxXBytes of x. cuBLASLt's tiles,
+  // FusedDecode::automatic; `off` keeps the library's GEMM): steps of more than 8 tokens (the
+  // fused step keeps those up to 8, see fused_wins) up to kSlicedMaxXBytes of x. cuBLASLt's tiles,
   // each over all of hidden, keep about 16 blocks busy at HCA's 1024 columns; the sliced
   // projection streams the weights on 128 blocks with the fused step's arithmetic, but each of
   // its 16 column tiles reads all of x. Measured on the H100 against cuBLASLt, running step
