@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Does a change leave the GPU code as it was? Compiles every CUDA source of the library and the
 # benchmarks at BASE (default HEAD) and in the working tree, for each GPU target of the build
-# (sm_90a, sm_80) and also with the fused step's diagnostics stamps (DSV4_FUSED_TIMELINE),
+# (sm_90a, sm_80) and also with the diagnostics stamps (DSV4_FUSED_TIMELINE) where a source has them,
 # and compares the machine code byte for byte; where a file's machine code differs it compares
 # its PTX with internal functions' names masked (they carry a hash of the file's name).
 #
@@ -36,7 +36,12 @@ nvcc_for() {
   esac
   (cd "$dir" && "$nvcc" "${flags[@]}" "${extra[@]}" "${@//ARCH/$arch}")
 }
-variants_of() { if [ "$1" = src/cuda/fused_step.cu ]; then echo sm_90a sm_80 timeline_sm_90a; else echo sm_90a sm_80; fi; }
+variants_of() {
+  case $1 in
+    src/cuda/fused_step.cu | src/cuda/running_step.cu | src/cuda/slice_projection.cu) echo sm_90a sm_80 timeline_sm_90a ;;
+    *) echo sm_90a sm_80 ;;
+  esac
+}
 key_of() { echo "$1.$2" | tr '/' '_'; }
 # compile_tree SIDE: the machine code of every CUDA source of $tree, into $work/SIDE.*; lists
 # the sources in $work/SIDE.sources and those that do not compile in $work/SIDE.failed.

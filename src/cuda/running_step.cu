@@ -10,6 +10,7 @@
 #include "cuda/finish_entry.cuh"
 #include "cuda/kernels.hpp"
 #include "cuda/launch.cuh"
+#include "cuda/step_timeline.cuh"
 
 namespace dsv4::cuda {
 
@@ -98,10 +99,17 @@ __device__ float pool_window(const CompressorConsts& c, const CallRows<ScoreT>& 
 constexpr int kRunningThreads = 512;
 constexpr int kRunningPerThread = kPerThreadOf<kRunningThreads>;
 
+#ifdef DSV4_FUSED_TIMELINE
+// mark1: a one-token call's loads are issued; mark2: the first entry's pooled values are
+// computed (before finish_entry; in a one-token call that completes none, the state stored).
+__device__ StepStamps g_running_step_stamps[kStepTimelineBlocks];
+#endif
+
 template <class ScoreT>
 __global__ void __launch_bounds__(kRunningThreads, 2) running_step_kernel(CompressorConsts c, DevicePlan p, KvScoreView kv,
                                                                           StateView st, std::uint8_t* cache,
                                                                           std::uint16_t* entries) {
+  DSV4_STEP_RECORDER(g_running_step_stamps);
   __shared__ float v[kFinishMaxHeadDim];
   __shared__ float scratch[32];
   __shared__ float own[kFinishMaxHeadDim];  // pooled values, each read by the thread that wrote it
@@ -115,6 +123,7 @@ __global__ void __launch_bounds__(kRunningThreads, 2) running_step_kernel(Compre
   if (e1 > e0) in = load_entry_inputs<kRunningThreads>(c, p, cache != nullptr, e0);
   // kv_score and the accumulators below (every block waits: see update_state_kernel).
   wait_for_previous_kernel();
+  DSV4_STEP_STAMP(waited);
   allow_next_kernel();
 
   if (end - start == 1) {  // one token (decode): every load first, then the arithmetic
@@ -132,6 +141,7 @@ __global__ void __launch_bounds__(kRunningThreads, 2) running_step_kernel(Compre
       call.at(start, d, score[k], value[k]);
       bias[k] = ape[d];
     }
+    DSV4_STEP_STAMP(mark1);
     PooledValuesOf<kRunningThreads> pooled;
 #pragma unroll
     for (int k = 0; k < kRunningPerThread; ++k) {
@@ -142,6 +152,7 @@ __global__ void __launch_bounds__(kRunningThreads, 2) running_step_kernel(Compre
       if (e1 == e0 && d < hd) acc[d] = sm.m, acc[hd + d] = sm.s, acc[2 * hd + d] = sm.a;
     }
     // A window that completes here leaves none open: the next starts at `end`.
+    DSV4_STEP_STAMP(mark2);
     if (e1 > e0) finish_entry(c, in, pooled, cache, entries, e0, v, scratch);
     return;
   }
@@ -159,6 +170,7 @@ __global__ void __launch_bounds__(kRunningThreads, 2) running_step_kernel(Compre
       const int d = threadIdx.x + k * kRunningThreads;
       pooled.v[k] = d < hd ? own[d] : 0.0f;
     }
+    if (e == e0) DSV4_STEP_STAMP(mark2);
     finish_entry(c, in, pooled, cache, entries, e, v, scratch);
   }
 
@@ -188,6 +200,10 @@ void launch_running_step(const CompressorConsts& c, const DevicePlan& p, KvScore
                          std::uint8_t* cache, std::uint16_t* entries, cudaStream_t stream, bool pdl) {
   if (p.num_requests == 0) return;
   const dim3 grid(static_cast<unsigned>(p.num_requests)), block(kRunningThreads);
+#ifdef DSV4_FUSED_TIMELINE
+  static const bool timeline = register_step_stamps("running_step", g_running_step_stamps);
+  (void)timeline;
+#endif
   if (kv.slices > 0)
     launch_kernel(running_step_kernel<SliceSums>, grid, block, 0, stream, pdl, c, p, kv, st, cache, entries);
   else if (kv.dtype == DType::f32)

@@ -21,6 +21,7 @@
 #include "cuda/fused_step.hpp"
 #include "cuda/kernels.hpp"
 #include "cuda/launch.cuh"
+#include "cuda/step_timeline.cuh"
 #include "cuda/wgmma.cuh"
 
 #include <string>
@@ -36,6 +37,12 @@ constexpr int kAtomElems = 64 * 64;  // one 64-row x 64-k atom of the 128-byte s
 constexpr int kRing = 4;             // x slots
 constexpr int kSlicedMaxTokens = 2 * kSubTokens;
 
+#ifdef DSV4_FUSED_TIMELINE
+// mark1: every weight and x's first atom are in shared memory; mark2: the products are done
+// (before the stores).
+__device__ StepStamps g_slice_projection_stamps[kStepTimelineBlocks];
+#endif
+
 // Shared memory of an instance: 1024 bytes to align the tiles, every weight atom of the slice
 // (Pro: 14 atoms, 112 KiB), then kRing x-slots of kSubs sub-tiles.
 constexpr std::size_t smem_bytes(int atoms, int subs) {
@@ -49,6 +56,7 @@ __global__ void __launch_bounds__(kThreads, 1) slice_projection_kernel(const std
                                                                        const std::uint16_t* w, int width,
                                                                        float* partials) {
 #if defined(DSV4_HAVE_WGMMA)
+  DSV4_STEP_RECORDER(g_slice_projection_stamps);
   extern __shared__ uint4 smem_raw[];
   const unsigned at = static_cast<unsigned>(__cvta_generic_to_shared(smem_raw));
   auto* ws = reinterpret_cast<std::uint16_t*>(reinterpret_cast<char*>(smem_raw) + (1024 - at % 1024) % 1024);
@@ -75,6 +83,7 @@ __global__ void __launch_bounds__(kThreads, 1) slice_projection_kernel(const std
 
   // x (and the partials' readers) may belong to the previous kernel.
   wait_for_previous_kernel();
+  DSV4_STEP_STAMP(waited);
   allow_next_kernel();
   const std::uint16_t* xsrc = x + slice * ks + 8 * c;
   // One group of copies per call, empty past the last atom, so that the counts below hold.
@@ -102,12 +111,14 @@ __global__ void __launch_bounds__(kThreads, 1) slice_projection_kernel(const std
     else cp_async_wait_pending<kRing - 3>();
     fence_shared_for_wgmma();
     __syncthreads();  // atom a (and every weight) is in shared memory; the multiply of a - 2 is done
+    if (a == 0) DSV4_STEP_STAMP(mark1);
     // Into the slot of atom a - 2 (the multiply of a - 1 may still read its slot).
     if (a >= 2) copy_x(a - 2 + kRing);
     else cp_async_commit();
     wgmma_atom<kSubs, kSubTokens>(d, ws + a * kAtomElems, xs + (a % kRing) * kSlotElems, 4);
   }
   wgmma_drain(d);
+  DSV4_STEP_STAMP(mark2);
 
   // D's layout (wgmma.cuh): warp w rows 16w + g and + 8, lane (g, t) tokens 8i + 2t and + 1.
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -170,6 +181,10 @@ bool slice_projection_supported(int device, std::int64_t hidden, std::int64_t wi
 
 void launch_slice_projection(int device, const void* x, std::int64_t tokens, std::int64_t hidden, const void* w,
                              std::int64_t width, float* partials, cudaStream_t stream, bool pdl) {
+#ifdef DSV4_FUSED_TIMELINE
+  static const bool timeline = register_step_stamps("slice_projection", g_slice_projection_stamps);
+  (void)timeline;
+#endif
   const Instance in = instance_for(device, hidden, tokens);
   if (in.kernel == nullptr)  // the plan asked slice_projection_supported first
     throw DeviceError("sliced projection: no instance for " + std::to_string(tokens) + " tokens at hidden " +

@@ -1,0 +1,50 @@
+#!/usr/bin/env python3
+"""Summarizes the sliced projection's and the running step's per-block phase stamps (a
+DSV4_FUSED_TIMELINE build writes each kernel's last launch to $DSV4_STEP_TIMELINE_CSV at
+exit): for each kernel, when its blocks started, when the wait for the previous kernel
+returned, its two marks, and when blocks exited; microseconds from the earliest start.
+Run one benchmark row (e.g. `bench --filter 'flash HCA decode B=64' --batches 64`): each
+kernel's array holds its last launch, and blocks beyond that launch's grid are dropped."""
+import csv
+import statistics
+import sys
+
+MARKS = {
+    "slice_projection": ("weights + x atom 0", "products done"),
+    "running_step": ("loads issued", "pooled in hand"),
+}
+
+
+def main(path):
+    kernels = {}
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            block = {k: (v if k == "kernel" else int(v)) for k, v in row.items()}
+            kernels.setdefault(block["kernel"], []).append(block)
+    if not kernels:
+        sys.exit("no stamps")
+    for name, blocks in kernels.items():
+        # An earlier, larger launch leaves stamps past the last launch's grid.
+        last = max(blocks, key=lambda b: b["start"])["blocks"]
+        kernels[name] = [b for b in blocks if b["block"] < last]
+    t0 = min(b["start"] for blocks in kernels.values() for b in blocks)
+
+    def span(values):
+        values = sorted((v - t0) / 1000.0 for v in values if v)
+        if not values:
+            return "-"
+        return f"{values[0]:7.2f} {statistics.median(values):7.2f} {values[-1]:7.2f}"
+
+    print("per kernel: min / median / max in us from the earliest start")
+    for name in sorted(kernels, key=lambda n: min(b["start"] for b in kernels[n])):
+        blocks = kernels[name]
+        print(f"{name}: {len(blocks)} blocks on {len({b['sm'] for b in blocks})} SMs")
+        labels = MARKS.get(name, ("mark1", "mark2"))
+        for field, label in (("start", "start"), ("waited", "wait returned"), ("mark1", labels[0]),
+                             ("mark2", labels[1]), ("exit", "exit")):
+            print(f"  {label:<20} {span(b[field] for b in blocks)}")
+
+
+if __name__ == "__main__":
+    # usage: step-timeline.py FILE
+    main(sys.argv[1] if len(sys.argv) > 1 else "step-timeline.csv")
