@@ -586,6 +586,30 @@ test::Schedule running_step_schedule(const std::vector<test::Sequence>& seqs, st
   return schedule;
 }
 
+// Serves `schedule` with the sliced projection (`sliced`), FusedDecode::always (`fused`) and
+// the CPU backend: every output written and finite, the two GPU runs' entries and cache rows
+// equal bit for bit where `same_bits`, and the sliced run within SPEC section 4 of the CPU
+// and (its first `with_fp64` sequences) of fp64.
+void check_sliced_serving(const std::string& what, const CompressorSpec& spec, const RandomWeights& w,
+                          const Compressor& sliced, const Compressor& fused, const Compressor& cpu,
+                          const std::vector<test::Sequence>& seqs, const test::Schedule& schedule, bool same_bits,
+                          std::size_t with_fp64, Precision precision, std::mt19937_64& rng) {
+  auto buffers = test::device_buffers(Device::cuda(0));
+  auto host = test::host_buffers();
+  const auto x = test::serve(sliced, seqs, schedule, *buffers, rng);
+  const auto y = test::serve(fused, seqs, schedule, *buffers, rng);
+  const auto h = test::serve(cpu, seqs, schedule, *host, rng);
+  ASSERT_EQ(x.problems, "") << what;
+  ASSERT_EQ(y.problems, "") << what;
+  ASSERT_EQ(h.problems, "") << what;
+  if (same_bits)
+    for (std::size_t i = 0; i < seqs.size(); ++i) {
+      EXPECT_EQ(x.entries[i], y.entries[i]) << what << ", sequence " << i;
+      EXPECT_EQ(x.cache[i], y.cache[i]) << what << ", sequence " << i;
+    }
+  check_served_entries(what, spec, w, seqs, x, h, with_fp64, precision);
+}
+
 // HCA with running state in steps of more than 8 tokens that the running step takes (at most
 // 16 a request), up to 1 MiB of x: the automatic choice projects them with the
 // sliced projection (sm_90a), whose partial sums are the fused step's. Where the fused step
@@ -633,28 +657,14 @@ TEST(CudaSlicedProjection, RunningStepsMatchFusedStepBitForBit) {
     const bool same_bits = supported && cuda::fused_multiplies_on_wgmma(0, spec.hidden);
     std::printf("    %s: sliced projection %s, bits of the fused step expected: %s\n", label.c_str(),
                 supported ? "supported" : "not supported here", same_bits ? "yes" : "no");
-    auto buffers = test::device_buffers(Device::cuda(0));
-    auto host = test::host_buffers();
     // Under compute-sanitizer (small()) 40 short sequences: decode steps of 33..36 requests.
     const auto seqs = test::random_sequences(small() ? 40 : 48, 130, small() ? 140 : 300, spec.hidden, rng);
     const test::Schedule schedules[] = {test::decode_schedule(seqs, small() ? 36 : 48),
                                         running_step_schedule(seqs, rng, 128)};
     const Compressor cpu(spec, w.view(spec), {.precision = {score, state}, .window_state = WindowState::running});
-    for (const test::Schedule& schedule : schedules) {
-      const auto x = test::serve(sliced, seqs, schedule, *buffers, rng);
-      const auto y = test::serve(fused, seqs, schedule, *buffers, rng);
-      const auto h = test::serve(cpu, seqs, schedule, *host, rng);
-      ASSERT_EQ(x.problems, "") << label;
-      ASSERT_EQ(y.problems, "") << label;
-      ASSERT_EQ(h.problems, "") << label;
-      if (same_bits)
-        for (std::size_t i = 0; i < seqs.size(); ++i) {
-          EXPECT_EQ(x.entries[i], y.entries[i]) << label << ", sequence " << i;
-          EXPECT_EQ(x.cache[i], y.cache[i]) << label << ", sequence " << i;
-        }
-      check_served_entries("sliced projection " + label + ", " + std::to_string(schedule.size()) + " steps", spec, w,
-                           seqs, x, h, 3, {score, state});
-    }
+    for (const test::Schedule& schedule : schedules)
+      check_sliced_serving("sliced projection " + label + ", " + std::to_string(schedule.size()) + " steps", spec, w,
+                           sliced, fused, cpu, seqs, schedule, same_bits, 3, {score, state}, rng);
   });
 }
 
@@ -705,19 +715,8 @@ TEST(CudaSlicedProjection, BothInstancesGiveFusedStepBits) {
         ASSERT_TRUE(p.sliced_projection() && !p.fused()) << label << ", " << b->requests.size() << " requests";
       }
     }
-    auto buffers = test::device_buffers(Device::cuda(0));
-    auto host = test::host_buffers();
-    const auto x = test::serve(sliced, seqs, schedule, *buffers, rng);
-    const auto y = test::serve(fused, seqs, schedule, *buffers, rng);
-    const auto h = test::serve(cpu, seqs, schedule, *host, rng);
-    ASSERT_EQ(x.problems, "") << label;
-    ASSERT_EQ(y.problems, "") << label;
-    ASSERT_EQ(h.problems, "") << label;
-    for (std::size_t i = 0; i < seqs.size(); ++i) {
-      EXPECT_EQ(x.entries[i], y.entries[i]) << label << ", sequence " << i;
-      EXPECT_EQ(x.cache[i], y.cache[i]) << label << ", sequence " << i;
-    }
-    check_served_entries("both sliced instances " + label, spec, w, seqs, x, h, 2, {score, state});
+    check_sliced_serving("both sliced instances " + label, spec, w, sliced, fused, cpu, seqs, schedule, true, 2,
+                         {score, state}, rng);
   });
 }
 
