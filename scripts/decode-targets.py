@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Where the decode targets stand in one `dsv4-compressor bench --json` run (docs/PERF.md).
+"""Where the decode targets stand in a `dsv4-compressor bench --json` run (docs/PERF.md), or in
+a full run with the rows of later, partial runs put in its place.
 
 The targets, for a decode step of B requests (every request completing a window: `decode`;
 none completing: `decode-partial`), Flash and Pro, a CSA layer (main + indexer) and HCA:
@@ -11,7 +12,11 @@ Each row also shows what the reach probe (g) and the least step of the same run 
 step alone takes longer than the target allows, no step with the compressor's data flow as
 the probe schedules it meets it, and the row says so ("beyond (g)", "beyond the least step").
 
-Usage: scripts/decode-targets.py BENCH.json   (prints a Markdown table)"""
+Later runs replace the first run's rows of the same model, kind, scenario and batch, each
+judged against its own run (its floor, probe and least step); rows the first run lacks are
+left out, so the count of targets stays the first run's. The "run" column names the run.
+
+Usage: scripts/decode-targets.py BENCH.json [LATER.json ...]   (prints a Markdown table)"""
 import json
 import sys
 
@@ -55,21 +60,41 @@ def rows_of(run):
         yield r, ft, floor_v, speed_v, a, d, g, floor
 
 
-def main(path):
-    with open(path) as f:
-        run = json.load(f)
-    rows = list(rows_of(run))
-    c = run["ceilings"]
-    print(f"{run['device']}, commit {run['commit']}, {run['date']}: copy {c['copy_gbps']:.0f} GB/s, "
-          f"bf16 matmul {c['matmul_tflops']:.0f} TFLOP/s, least step {c.get('empty_step_us') or 0:.1f} us")
+def key_of(r):
+    return r["model"], r["kind"], r["scenario"], r["batch"]
+
+
+def main(paths):
+    runs = []
+    for path in paths:
+        with open(path) as f:
+            runs.append(json.load(f))
+    for k, run in enumerate(runs):
+        c = run["ceilings"]
+        tag = f"run {k + 1} ({path_name(paths[k])}): " if len(runs) > 1 else ""
+        print(f"{tag}{run['device']}, commit {run['commit']}, {run['date']}: copy {c['copy_gbps']:.0f} GB/s, "
+              f"bf16 matmul {c['matmul_tflops']:.0f} TFLOP/s, least step {c.get('empty_step_us') or 0:.1f} us")
+    # The first run's rows, in its order, each from the last run that has it.
+    rows = {key_of(row[0]): (row, 1) for row in rows_of(runs[0])}
+    left_out = 0
+    for k, run in enumerate(runs[1:], start=2):
+        for row in rows_of(run):
+            if key_of(row[0]) in rows:
+                rows[key_of(row[0])] = (row, k)
+            else:
+                left_out += 1
+    if left_out:
+        print(f"({left_out} rows of later runs that the first run lacks are left out)")
     print()
-    print("| model | kind | scenario | B | floor us | (d) us | (d)/floor | target | (g)/floor | floor target "
-          "| (a)/(d) | (a)/(g) | 4x (a) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    run_col = len(runs) > 1
+    print(("| run " if run_col else "") + "| model | kind | scenario | B | floor us | (d) us | (d)/floor | target "
+          "| (g)/floor | floor target | (a)/(d) | (a)/(g) | 4x (a) |")
+    print(("|---" if run_col else "") + "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     met = total = 0
     by_verdict = {"floor": {}, "4x (a)": {}}
-    for r, ft, floor_v, speed_v, a, d, g, floor in rows:
-        print(f"| {r['model']} | {r['kind']} | {r['scenario']} | {r['batch']} | {floor:.2f} | {d:.2f} | "
+    for (r, ft, floor_v, speed_v, a, d, g, floor), k in rows.values():
+        print((f"| {k} " if run_col else "") +
+              f"| {r['model']} | {r['kind']} | {r['scenario']} | {r['batch']} | {floor:.2f} | {d:.2f} | "
               f"{d / floor:.2f} | {'-' if ft is None else f'{ft:.1f}'} | {g / floor:.2f} | {floor_v} | "
               f"{a / d:.2f} | {a / g:.2f} | {speed_v} |")
         for target, v in (("floor", floor_v), ("4x (a)", speed_v)):
@@ -85,7 +110,11 @@ def main(path):
     print(f"{met} of {total} targets met")
 
 
+def path_name(path):
+    return path.rsplit("/", 1)[-1]
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
+    if len(sys.argv) < 2:
         raise SystemExit(__doc__)
-    main(sys.argv[1])
+    main(sys.argv[1:])
