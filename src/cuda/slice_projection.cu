@@ -9,9 +9,10 @@
 // each, so about 16 blocks stream the 8 MiB of weights and most SMs idle (at least 7.5 of the
 // 10.8 us of Flash HCA decode at 64 requests; docs/PERF.md). Cutting hidden into slices gives
 // 128 blocks of 64 KiB (Flash) each. A block copies all of its weights into shared memory
-// before it waits for the previous kernel (programmatic dependent launch), so the weights
-// stream during that kernel's tail; x, which the previous kernel may write, follows through a
-// ring of slots, one 64-wide k atom of every token a slot.
+// before it waits for the previous kernel (programmatic dependent launch), a few atoms in
+// flight at a time, so the weights stream during that kernel's tail without holding it up;
+// x, which the previous kernel may write, follows through a ring of slots, one 64-wide k atom
+// of every token a slot.
 //
 // Every block reads all of x: at 256 tokens (2 MiB of Flash x, 32 MiB through L2 for the 16
 // column tiles) that lost to cuBLASLt (docs/PERF.md, twenty-third pass), so it takes at most
@@ -36,6 +37,14 @@ constexpr int kSubTokens = 64;       // tokens of one wgmma (m64n64k16)
 constexpr int kAtomElems = 64 * 64;  // one 64-row x 64-k atom of the 128-byte swizzle layout
 constexpr int kRing = 4;             // x slots
 constexpr int kSlicedMaxTokens = 2 * kSubTokens;
+// Weight atoms (8 KiB each) a block keeps in flight while it copies its weights before the
+// wait. All of them at once (64 KiB Flash, 112 KiB Pro on each SM) queued ahead of the
+// previous kernel's loads and stores on the same SMs, so the running step before this launch
+// finished late by about the time the whole stream takes (timeline: the wait returned 7.0 us
+// after the blocks started, 5.3 with this cap). Measured on the H100 (docs/PERF.md,
+// twenty-fifth pass), 3 against all at once: Flash HCA decode B=64 11.5 -> 10.5 us, Pro 14.9
+// -> 12.8; 4 in flight, or 2-atom groups, were within about 0.3 us of it, 5 lost up to 1 us.
+constexpr int kWeightAtomsInFlight = 3;
 
 #ifdef DSV4_FUSED_TIMELINE
 // mark1: every weight and x's first atom are in shared memory; mark2: the products are done
@@ -68,12 +77,16 @@ __global__ void __launch_bounds__(kThreads, 1) slice_projection_kernel(const std
   const int c = threadIdx.x % 8, r0 = threadIdx.x / 8;
   const std::uint64_t policy = l2_policy_evict_first();  // read once a step
   const std::uint16_t* wsrc = w + static_cast<std::int64_t>(col0) * hidden + slice * ks + 8 * c;
-  for (int a = 0; a < atoms; ++a)
+  // The weights go in one group a 64-wide atom, at most kWeightAtomsInFlight atoms in flight
+  // (see there why).
+  for (int a = 0; a < atoms; ++a) {
 #pragma unroll
     for (int j = 0; j < kRows / 16; ++j)
       cp_async_16(ws + a * kAtomElems + 8 * sw128_unit(r0 + 16 * j, c),
                   wsrc + static_cast<std::int64_t>(r0 + 16 * j) * hidden + 64 * a, policy);
-  cp_async_commit();
+    cp_async_commit();
+    cp_async_wait_pending<kWeightAtomsInFlight - 1>();
+  }
   // The padded tokens of the last sub-tile, zero in every slot (their columns of D are never
   // stored; zeros keep them finite and every byte the tensor cores read written).
   for (int idx = threadIdx.x; idx < kRing * (kSubs * kSubTokens - tokens) * 8; idx += kThreads) {
