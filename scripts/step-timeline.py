@@ -4,7 +4,12 @@ DSV4_FUSED_TIMELINE build writes each kernel's last launch to $DSV4_STEP_TIMELIN
 exit): for each kernel, when its blocks started, when the wait for the previous kernel
 returned, its two marks, and when blocks exited; microseconds from the earliest start.
 Run one benchmark row (e.g. `bench --filter 'flash HCA decode B=64' --batches 64`): each
-kernel's array holds its last launch, and blocks beyond that launch's grid are dropped."""
+kernel's array holds its last launch, and blocks beyond that launch's grid are dropped.
+The last launch is the graph's last step: no projection follows its running step, so that
+running step runs alone, while every earlier one shares the SMs with the next step's
+projection blocks. The period is therefore not this step's chain: compare the chain (the
+projection's wait to the running step's last exit, plus the next wait's ~0.6 us) with the
+bench's time per step; the difference is what the overlap costs the earlier steps."""
 import csv
 import statistics
 import sys
