@@ -15,6 +15,8 @@ the probe schedules it meets it, and the row says so ("beyond (g)", "beyond the 
 Later runs replace the first run's rows of the same model, kind, scenario and batch, each
 judged against its own run (its floor, probe and least step); rows the first run lacks are
 left out, so the count of targets stays the first run's. The "run" column names the run.
+The closest unmet targets that (g) and the least step allow follow the counts, with the (d)
+each needs.
 
 Usage: scripts/decode-targets.py BENCH.json [LATER.json ...]   (prints a Markdown table)"""
 import json
@@ -92,7 +94,13 @@ def main(paths):
     print(("|---" if run_col else "") + "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     met = total = 0
     by_verdict = {"floor": {}, "4x (a)": {}}
+    near = []  # (relative gap, text) of unmet targets that (g) and the least step allow
     for (r, ft, floor_v, speed_v, a, d, g, floor), k in rows.values():
+        label = f"{r['model']} {r['kind']} {r['scenario']} B={r['batch']}"
+        if floor_v == "not met":
+            near.append((d / (ft * floor) - 1, f"{label}: floor target needs (d) <= {ft * floor:.2f} us, is {d:.2f}"))
+        if speed_v == "not met":
+            near.append((d / (a / SPEEDUP_TARGET) - 1, f"{label}: 4x (a) needs (d) <= {a / SPEEDUP_TARGET:.2f} us, is {d:.2f}"))
         print((f"| {k} " if run_col else "") +
               f"| {r['model']} | {r['kind']} | {r['scenario']} | {r['batch']} | {floor:.2f} | {d:.2f} | "
               f"{d / floor:.2f} | {'-' if ft is None else f'{ft:.1f}'} | {g / floor:.2f} | {floor_v} | "
@@ -108,6 +116,11 @@ def main(paths):
         print(f"{target} targets: " + ", ".join(f"{counts.get(k, 0)} {k}" for k in kinds))
     print()
     print(f"{met} of {total} targets met")
+    if near:
+        print()
+        print("Closest of the unmet targets with room by (g):")
+        for gap, text in sorted(near)[:6]:
+            print(f"- {text} ({100 * gap:.0f}% over)")
 
 
 def path_name(path):
