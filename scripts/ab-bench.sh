@@ -6,6 +6,8 @@
 #
 # usage: scripts/ab-bench.sh BASE [REPS] -- BENCH_ARGS...
 #   e.g. scripts/ab-bench.sh c183462 2 -- --filter 'HCA decode' --batches 32,64
+# BASE may be a directory holding a source tree (e.g. `git archive REV | tar -x -C ab-base`
+# here, then carried to the device: a copied tree's .git may lack recent revisions).
 # BASE '-' builds the tree once and runs it twice a round: switches read from the
 # environment tell the sides apart ($AB_BASE_ENV, $AB_TREE_ENV: VAR=value ..., set for one
 # side's runs only).
@@ -13,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
 mkdir -p "$OUT"
-[ $# -ge 1 ] || { sed -n '7,11p' "$0"; exit 2; }
+[ $# -ge 1 ] || { sed -n '7,13p' "$0"; exit 2; }
 base=$1; shift
 reps=2
 if [ $# -ge 1 ] && [ "$1" != "--" ]; then reps=$1; shift; fi
@@ -30,6 +32,12 @@ tree_bin=build-ab-tree/dsv4-compressor
 if [ "$base" = "-" ]; then
   configure_and_build . build-ab-tree "$OUT/ab-build-tree.log" || { tail -30 "$OUT/ab-build-tree.log"; exit 1; }
   base_bin=$tree_bin
+elif [ -d "$base" ]; then
+  configure_and_build "$base" "$base/build" "$OUT/ab-build-base.log" &
+  base_pid=$!
+  configure_and_build . build-ab-tree "$OUT/ab-build-tree.log" || { tail -30 "$OUT/ab-build-tree.log"; exit 1; }
+  wait $base_pid || { tail -30 "$OUT/ab-build-base.log"; exit 1; }
+  base_bin=$base/build/dsv4-compressor
 else
   # A copied tree's .git may lack revisions committed after the copy was made.
   git rev-parse --verify -q "$base^{commit}" >/dev/null || { echo "ab-bench: no revision $base here" >&2; exit 2; }
@@ -45,7 +53,9 @@ echo "ab-bench: built in $(($(date +%s) - start)) s; base $base, tree $(git rev-
 
 # The JSONs' commit field: BASE, and for the tree $DSV4_COMMIT (a copied tree's .git may be stale).
 tree_label="${DSV4_COMMIT:-tree}${AB_TREE_ENV:+ $AB_TREE_ENV}"
-if [ "$base" = "-" ]; then base_label="${DSV4_COMMIT:-tree}${AB_BASE_ENV:+ $AB_BASE_ENV}"; else base_label=$base; fi
+if [ "$base" = "-" ]; then base_label="${DSV4_COMMIT:-tree}${AB_BASE_ENV:+ $AB_BASE_ENV}"
+elif [ -d "$base" ]; then base_label=${AB_BASE_LABEL:-$base}
+else base_label=$base; fi
 runs=()
 for r in $(seq 1 "$reps"); do
   for side in base tree; do
