@@ -28,8 +28,8 @@ struct DevicePlan {
 };
 
 // This call's kv_score rows: kv columns [0, coff*hd), score columns [coff*hd, 2*coff*hd).
-// With `slices` > 0 the rows are the sliced projection's fp32 partial sums (slices of hidden,
-// `slice_stride` elements apart), which a reader adds in slice order.
+// With `slices` > 0 the rows are the sliced projection's fp32 partial sums (kFusedSlices slices
+// of hidden, `slice_stride` elements apart), which a reader adds in slice order.
 struct KvScoreView {
   const void* data = nullptr;
   DType dtype = DType::f32;

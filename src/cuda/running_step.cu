@@ -6,11 +6,15 @@
 // skipping that hand-off saved about 1 us of the 4.5 an entry cost them on the H100
 // (docs/PERF.md, twenty-first pass). The operations and their order are those of pool_windows,
 // update_running_kernel and finish_entry, so this path gives their bits.
+#include "cuda/cuda_check.hpp"
 #include "cuda/device_utils.cuh"
 #include "cuda/finish_entry.cuh"
+#include "cuda/fused_step.hpp"
 #include "cuda/kernels.hpp"
 #include "cuda/launch.cuh"
 #include "cuda/step_timeline.cuh"
+
+#include <string>
 
 namespace dsv4::cuda {
 
@@ -45,21 +49,24 @@ template <>
 struct CallRows<SliceSums> {
   const float* rows;
   std::int64_t ld, start, slice_stride;
-  int slices, head_dim;
+  int head_dim;
   bool round_bf16;
 
   __device__ static CallRows of(const CompressorConsts& c, const DevicePlan& p, const KvScoreView& kv, int i) {
     return {static_cast<const float*>(kv.data) + p.token_offset[i] * kv.ld, kv.ld, p.start[i], kv.slice_stride,
-            kv.slices, c.head_dim, c.round_bf16};
+            c.head_dim, c.round_bf16};
   }
+  // Every slice's two loads are issued before the first add: a runtime slice count made the
+  // loads of slice s wait for the add of slice s - 1, one round trip to memory per slice.
   __device__ void at(std::int64_t position, int d, float& score, float& value) const {
     const float* row = rows + (position - start) * ld;
-    score = row[head_dim + d];
-    value = row[d];
-    for (int s = 1; s < slices; ++s) {
-      score += row[s * slice_stride + head_dim + d];
-      value += row[s * slice_stride + d];
-    }
+    float sc[kFusedSlices], va[kFusedSlices];
+#pragma unroll
+    for (int s = 0; s < kFusedSlices; ++s) sc[s] = row[s * slice_stride + head_dim + d], va[s] = row[s * slice_stride + d];
+    score = sc[0];
+    value = va[0];
+#pragma unroll
+    for (int s = 1; s < kFusedSlices; ++s) score += sc[s], value += va[s];
     if (round_bf16) score = num::round_to_bf16(score), value = num::round_to_bf16(value);
   }
 };
@@ -138,8 +145,8 @@ __global__ void __launch_bounds__(kRunningThreads, 2) running_step_kernel(Compre
       m[k] = -INFINITY, s[k] = a[k] = score[k] = value[k] = bias[k] = 0.0f;
       if (d >= hd) continue;
       if (has_acc) m[k] = acc[d], s[k] = acc[hd + d], a[k] = acc[2 * hd + d];
-      call.at(start, d, score[k], value[k]);
       bias[k] = ape[d];
+      call.at(start, d, score[k], value[k]);
     }
     DSV4_STEP_STAMP(mark1);
     PooledValuesOf<kRunningThreads> pooled;
@@ -204,6 +211,9 @@ void launch_running_step(const CompressorConsts& c, const DevicePlan& p, KvScore
   static const bool timeline = register_step_stamps("running_step", g_running_step_stamps);
   (void)timeline;
 #endif
+  if (kv.slices > 0 && kv.slices != kFusedSlices)
+    throw DeviceError("running step: kv_score in " + std::to_string(kv.slices) + " slices, expected " +
+                      std::to_string(kFusedSlices));
   if (kv.slices > 0)
     launch_kernel(running_step_kernel<SliceSums>, grid, block, 0, stream, pdl, c, p, kv, st, cache, entries);
   else if (kv.dtype == DType::f32)
