@@ -128,10 +128,14 @@ __global__ void __launch_bounds__(kRunningThreads, 2) running_step_kernel(Compre
   // The first entry's norm weights, cache row and RoPE angle come from the plan and weights.
   EntryInputsOf<kRunningThreads> in{};
   if (e1 > e0) in = load_entry_inputs<kRunningThreads>(c, p, cache != nullptr, e0);
+  // The next kernel may launch before this one's wait: its own wait still orders it after this
+  // grid, which completes only after the kernel before it. Where that next kernel is the next
+  // step's sliced projection, its blocks then stream their weights while this step's
+  // projection and pooling run, not only after this wait returns.
+  allow_next_kernel();
   // kv_score and the accumulators below (every block waits: see update_state_kernel).
   wait_for_previous_kernel();
   DSV4_STEP_STAMP(waited);
-  allow_next_kernel();
 
   if (end - start == 1) {  // one token (decode): every load first, then the arithmetic
     const std::int64_t w0 = window_start_of(c, start);
