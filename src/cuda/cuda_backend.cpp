@@ -63,6 +63,10 @@ constexpr std::int64_t kRunningStepMaxRequestTokens = 16;
 // x is at most this many bytes: each of its column tiles reads all of x (sliced_projection_wins).
 constexpr std::int64_t kSlicedMaxXBytes = 1 << 20;
 
+// A running step that completes entries lets the next kernel launch before its wait where its
+// compressor's weights are more than this many bytes (next_launch_early).
+constexpr std::int64_t kEarlyLaunchMinWeightBytes = std::int64_t{8} << 20;
+
 // Programmatic dependent launches (launch.cuh) need sm_90 or later.
 bool dependent_launch_supported(int device) {
   int major = 0;
@@ -269,7 +273,7 @@ class CudaBackend final : public Backend {
     auto* cache = outputs.cache ? outputs.cache->as<std::uint8_t>() : nullptr;
     auto* entries = outputs.entries ? outputs.entries->as<std::uint16_t>() : nullptr;
     if (cp.running_step) {
-      cuda::launch_running_step(consts_, cp.view, kv, st, cache, entries, stream, pdl_);
+      cuda::launch_running_step(consts_, cp.view, kv, st, cache, entries, stream, pdl_, next_launch_early(plan));
       return;
     }
     auto* pooled = static_cast<float*>(cp.pooled.get());
@@ -402,6 +406,19 @@ class CudaBackend final : public Backend {
   bool sliced_projection_wins(const detail::PlanData& plan) const {
     return options_.fused_decode == FusedDecode::automatic && plan.num_tokens() * spec_.hidden * 2 <= kSlicedMaxXBytes &&
            cuda::slice_projection_supported(device_, spec_.hidden, spec_.projection_width(), plan.num_tokens());
+  }
+
+  // Whether a running step lets the next kernel launch before its wait rather than after it.
+  // The next step's sliced projection streams its weights before its own wait, so each step is
+  // the projection from its wait to its exit, then the longer of the running step's remainder
+  // and the next projection's stream (docs/PERF.md, twenty-seventh pass). An early launch
+  // starts that stream sooner, and wins where the stream is the longer: steps that complete
+  // no entry, and weights of more than Flash's 8 MiB (measured on the H100, twenty-eighth
+  // pass: Pro HCA decode B=64 12.42 -> 11.16 us, Flash decode-partial B=32 7.90 -> 6.39);
+  // where the running step finishes entries of Flash's HCA the stream shares the SMs with it
+  // and the step lost (decode B=64 8.36 -> 8.83).
+  bool next_launch_early(const detail::PlanData& plan) const {
+    return plan.num_entries() == 0 || spec_.projection_width() * spec_.hidden * 2 > kEarlyLaunchMinWeightBytes;
   }
 
   // This compressor as a member of a fused step over the weights at `w`.

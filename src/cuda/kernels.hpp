@@ -98,9 +98,12 @@ void launch_slice_projection(int device, const void* x, std::int64_t tokens, std
 // Ratio 128 with running state, a decode-shaped step: one block per request folds its tokens
 // into the accumulators and finishes every entry it completes (pooling, RMSNorm, RoPE,
 // quantization, store) itself, the bits of the three kernels above. `cache` and `entries` may
-// each be null.
+// each be null. With `next_early` (and `pdl`) the next kernel in the stream may launch before
+// this one's wait instead of after it: a next step's sliced projection then streams its
+// weights while this step's projection runs.
 bool running_step_supported(int head_dim);
 void launch_running_step(const CompressorConsts& c, const DevicePlan& plan, KvScoreView kv, StateView state,
-                         std::uint8_t* cache, std::uint16_t* entries, cudaStream_t stream, bool pdl);
+                         std::uint8_t* cache, std::uint16_t* entries, cudaStream_t stream, bool pdl,
+                         bool next_early);
 
 }  // namespace dsv4::cuda

@@ -115,7 +115,7 @@ __device__ StepStamps g_running_step_stamps[kStepTimelineBlocks];
 template <class ScoreT>
 __global__ void __launch_bounds__(kRunningThreads, 2) running_step_kernel(CompressorConsts c, DevicePlan p, KvScoreView kv,
                                                                           StateView st, std::uint8_t* cache,
-                                                                          std::uint16_t* entries) {
+                                                                          std::uint16_t* entries, bool next_early) {
   DSV4_STEP_RECORDER(g_running_step_stamps);
   __shared__ float v[kFinishMaxHeadDim];
   __shared__ float scratch[32];
@@ -128,14 +128,14 @@ __global__ void __launch_bounds__(kRunningThreads, 2) running_step_kernel(Compre
   // The first entry's norm weights, cache row and RoPE angle come from the plan and weights.
   EntryInputsOf<kRunningThreads> in{};
   if (e1 > e0) in = load_entry_inputs<kRunningThreads>(c, p, cache != nullptr, e0);
-  // The next kernel may launch before this one's wait: its own wait still orders it after this
-  // grid, which completes only after the kernel before it. Where that next kernel is the next
-  // step's sliced projection, its blocks then stream their weights while this step's
-  // projection and pooling run, not only after this wait returns.
-  allow_next_kernel();
+  // With `next_early` the next kernel may launch before this one's wait (launch_running_step
+  // says where): its own wait still orders it after this grid, which completes only after the
+  // kernel before it.
+  if (next_early) allow_next_kernel();
   // kv_score and the accumulators below (every block waits: see update_state_kernel).
   wait_for_previous_kernel();
   DSV4_STEP_STAMP(waited);
+  if (!next_early) allow_next_kernel();
 
   if (end - start == 1) {  // one token (decode): every load first, then the arithmetic
     const std::int64_t w0 = window_start_of(c, start);
@@ -208,7 +208,7 @@ __global__ void __launch_bounds__(kRunningThreads, 2) running_step_kernel(Compre
 bool running_step_supported(int head_dim) { return head_dim > 0 && head_dim <= kFinishMaxHeadDim; }
 
 void launch_running_step(const CompressorConsts& c, const DevicePlan& p, KvScoreView kv, StateView st,
-                         std::uint8_t* cache, std::uint16_t* entries, cudaStream_t stream, bool pdl) {
+                         std::uint8_t* cache, std::uint16_t* entries, cudaStream_t stream, bool pdl, bool next_early) {
   if (p.num_requests == 0) return;
   const dim3 grid(static_cast<unsigned>(p.num_requests)), block(kRunningThreads);
 #ifdef DSV4_FUSED_TIMELINE
@@ -219,11 +219,14 @@ void launch_running_step(const CompressorConsts& c, const DevicePlan& p, KvScore
     throw DeviceError("running step: kv_score in " + std::to_string(kv.slices) + " slices, expected " +
                       std::to_string(kFusedSlices));
   if (kv.slices > 0)
-    launch_kernel(running_step_kernel<SliceSums>, grid, block, 0, stream, pdl, c, p, kv, st, cache, entries);
+    launch_kernel(running_step_kernel<SliceSums>, grid, block, 0, stream, pdl, c, p, kv, st, cache, entries,
+                  next_early);
   else if (kv.dtype == DType::f32)
-    launch_kernel(running_step_kernel<float>, grid, block, 0, stream, pdl, c, p, kv, st, cache, entries);
+    launch_kernel(running_step_kernel<float>, grid, block, 0, stream, pdl, c, p, kv, st, cache, entries,
+                  next_early);
   else
-    launch_kernel(running_step_kernel<std::uint16_t>, grid, block, 0, stream, pdl, c, p, kv, st, cache, entries);
+    launch_kernel(running_step_kernel<std::uint16_t>, grid, block, 0, stream, pdl, c, p, kv, st, cache, entries,
+                  next_early);
   DSV4_CUDA_CHECK(cudaGetLastError());
 }
 
