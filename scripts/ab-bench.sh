@@ -32,21 +32,20 @@ tree_bin=build-ab-tree/dsv4-compressor
 if [ "$base" = "-" ]; then
   configure_and_build . build-ab-tree "$OUT/ab-build-tree.log" || { tail -30 "$OUT/ab-build-tree.log"; exit 1; }
   base_bin=$tree_bin
-elif [ -d "$base" ]; then
-  configure_and_build "$base" "$base/build" "$OUT/ab-build-base.log" &
-  base_pid=$!
-  configure_and_build . build-ab-tree "$OUT/ab-build-tree.log" || { tail -30 "$OUT/ab-build-tree.log"; exit 1; }
-  wait $base_pid || { tail -30 "$OUT/ab-build-base.log"; exit 1; }
-  base_bin=$base/build/dsv4-compressor
 else
-  # A copied tree's .git may lack revisions committed after the copy was made.
-  git rev-parse --verify -q "$base^{commit}" >/dev/null || { echo "ab-bench: no revision $base here" >&2; exit 2; }
-  rm -rf ab-base && mkdir ab-base && git archive "$base" | tar -x -C ab-base
-  configure_and_build ab-base ab-base/build "$OUT/ab-build-base.log" &
+  if [ -d "$base" ]; then
+    base_src=$base
+  else
+    # A copied tree's .git may lack revisions committed after the copy was made.
+    git rev-parse --verify -q "$base^{commit}" >/dev/null || { echo "ab-bench: no revision $base here" >&2; exit 2; }
+    rm -rf ab-base && mkdir ab-base && git archive "$base" | tar -x -C ab-base
+    base_src=ab-base
+  fi
+  configure_and_build "$base_src" "$base_src/build" "$OUT/ab-build-base.log" &
   base_pid=$!
   configure_and_build . build-ab-tree "$OUT/ab-build-tree.log" || { tail -30 "$OUT/ab-build-tree.log"; exit 1; }
   wait $base_pid || { tail -30 "$OUT/ab-build-base.log"; exit 1; }
-  base_bin=ab-base/build/dsv4-compressor
+  base_bin=$base_src/build/dsv4-compressor
 fi
 echo "ab-bench: built in $(($(date +%s) - start)) s; base $base, tree $(git rev-parse --short HEAD 2>/dev/null || echo '?')" \
   "$([ -n "$(git status --porcelain 2>/dev/null)" ] && echo '(uncommitted changes)')"
