@@ -14,7 +14,7 @@ void add_bench_command(CLI::App& app, std::string command_line) {
   cmd->add_option("--json", args->json, "Write every figure to this JSON file");
   cmd->add_option("--svg", args->svg, "Write a chart of decode step time against batch size");
   cmd->add_option("--device", args->device, "auto (the GPU when there is one), cpu or cuda");
-  cmd->add_option("--filter", args->filter, "Only rows whose label contains this, e.g. 'flash HCA decode B=64'");
+  cmd->add_option("--filter", args->filter, "Only rows whose label contains this, or one of several separated by '|', e.g. 'flash HCA decode B=64' or 'HCA decode|CSA layer decode'");
   cmd->add_option("--batches", args->batches,
                   "Decode batch sizes to time, e.g. 16,24 (default 1,8,32,64,128,256 on a GPU; 1,8,64 on a CPU)")
       ->delimiter(',');
@@ -27,7 +27,7 @@ void add_bench_command(CLI::App& app, std::string command_line) {
   proj->add_flag("--quick", sweep->quick, "Flash shapes with bf16 output only, fewer token counts");
   proj->add_flag("--library-only", sweep->library_only, "Time only the library's own projection");
   proj->add_option("--json", sweep->json, "Write every figure to this JSON file");
-  proj->add_option("--filter", sweep->filter, "Only shapes whose label contains this, e.g. 'flash CSA layer bf16'");
+  proj->add_option("--filter", sweep->filter, "Only shapes whose label contains this, or one of several separated by '|', e.g. 'flash CSA layer bf16'");
   proj->callback([sweep] { bench::run_projection_sweep(*sweep); });
 
   auto multiply = std::make_shared<bench::MultiplyOptions>();

@@ -103,6 +103,10 @@ std::string now_utc();
 std::string commit_id();  // $DSV4_COMMIT, else the commit the build was configured at
 // The label --filter matches against, e.g. "flash CSA main decode B=64".
 std::string row_label(const std::string& model, Kind kind, const Scenario& s);
+// Whether --filter selects a label: an empty filter selects every label, else the label
+// contains one of the filter's alternatives, separated by '|' ("HCA decode|CSA layer decode":
+// the rows the decode targets judge, in one run and so against one floor).
+bool label_selected(const std::string& filter, const std::string& label);
 
 // `dsv4-compressor bench-projection`: the cuBLASLt algorithms the projection could use, each
 // timed at every token count from decode to prefill (CUDA graph replays, weights rotated

@@ -113,6 +113,17 @@ std::string row_label(const std::string& model, Kind kind, const Scenario& s) {
                                                                              : " B=" + std::to_string(s.batch));
 }
 
+bool label_selected(const std::string& filter, const std::string& label) {
+  if (filter.empty()) return true;
+  for (std::size_t begin = 0;;) {
+    const std::size_t end = filter.find('|', begin);
+    const std::string alternative = filter.substr(begin, end == std::string::npos ? std::string::npos : end - begin);
+    if (!alternative.empty() && label.find(alternative) != std::string::npos) return true;
+    if (end == std::string::npos) return false;
+    begin = end + 1;
+  }
+}
+
 void progress(int done, int total, const std::string& what) {
   if (!isatty(2)) {  // logs get the start and the end only
     if (done == 0 || done == total) std::fprintf(stderr, "[%3d/%3d] %s\n", done, total, what.c_str());

@@ -64,7 +64,7 @@ Report run_cpu(const Options& o, const std::vector<Scenario>& scenarios) {
   for (const Scenario& sc : scenarios)
     for (Kind kind : kinds) {
       progress(done++, total, row_label("flash", kind, sc));
-      if (!o.filter.empty() && row_label("flash", kind, sc).find(o.filter) == std::string::npos) continue;
+      if (!label_selected(o.filter, row_label("flash", kind, sc))) continue;
       Row row;
       row.model = "flash";
       row.kind = kind;

@@ -168,7 +168,7 @@ Report run_gpu(const Options& o, const std::vector<std::string>& models, const s
     for (const Scenario& sc : scenarios) {
       for (Kind kind : kinds) {
         progress(done++, total, row_label(model_name, kind, sc));
-        if (!o.filter.empty() && row_label(model_name, kind, sc).find(o.filter) == std::string::npos) continue;
+        if (!label_selected(o.filter, row_label(model_name, kind, sc))) continue;
         Row row;
         row.model = model_name;
         row.kind = kind;

@@ -286,7 +286,7 @@ SweepReport run_projection_sweep(const SweepOptions& o) {
     for (DType out : {DType::bf16, DType::f32}) {
       if (o.quick && out == DType::f32) continue;
       const std::string label = s.model + " " + s.kind + " " + (out == DType::f32 ? "f32" : "bf16");
-      if (!o.filter.empty() && label.find(o.filter) == std::string::npos) continue;
+      if (!label_selected(o.filter, label)) continue;
       report.shapes.push_back(
           sweep_shape(h, stream, s, out, report.tokens, reps, static_cast<std::size_t>(prop.l2CacheSize), o.library_only));
       print_shape(report.shapes.back(), report.tokens);

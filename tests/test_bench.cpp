@@ -105,6 +105,24 @@ TEST(BenchCli, BatchesSetTheDecodeRows) {
   }
 }
 
+// --filter takes alternatives separated by '|': a row is timed when its label contains one of
+// them (an empty alternative selects nothing).
+TEST(BenchCli, FilterAlternativesSelectTheUnionOfTheirRows) {
+  const test::TempDir dir;
+  const std::string json = dir.file("b.json");
+  const Result r =
+      bench(dir, "--quick --device cpu --batches 2,3 --filter 'CSA main decode B=2|HCA decode-partial B=3|' --json " + json);
+  ASSERT_EQ(r.code, 0) << r.err;
+  const auto j = nlohmann::json::parse(test::read_bytes(json));
+  std::vector<std::string> rows;
+  for (const auto& row : j.at("rows"))
+    rows.push_back(row.at("kind").get<std::string>() + " " + row.at("scenario").get<std::string>() + " " +
+                   std::to_string(row.at("batch").get<int>()));
+  std::sort(rows.begin(), rows.end());
+  const std::vector<std::string> expected = {"CSA main decode 2", "HCA decode-partial 3"};
+  EXPECT_EQ(rows, expected);
+}
+
 // bench-multiply needs a GPU: without one it is one line and no file; with one (the device
 // machine runs this suite too) every sequence that ran agrees with fp64 and keeps a token's
 // bits whatever the tokens beside it, and the fused step's own sequence always runs.
