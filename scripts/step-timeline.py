@@ -9,11 +9,15 @@ The last launch is the graph's last step: no projection follows its running step
 running step runs alone, while every earlier one shares the SMs with the next step's
 projection blocks. The period is therefore not this step's chain: compare the chain (the
 projection's wait to the running step's last exit, plus the next wait's ~0.6 us) with the
-bench's time per step; the difference is what the overlap costs the earlier steps."""
+bench's time per step; the difference is what the overlap costs the earlier steps.
+For the sliced projection it then lists its multiply loop atom by atom: when each atom's x
+was in shared memory for the whole block, from the block's own wait, and the gap to the
+atom before (min / median / max over blocks)."""
 import csv
 import statistics
 import sys
 
+ATOMS = 16  # kStepTimelineAtoms (src/cuda/step_timeline.hpp)
 MARKS = {
     "slice_projection": ("weights + x atom 0", "products done"),
     "running_step": ("loads issued", "pooled in hand"),
@@ -29,9 +33,12 @@ def main(path):
     if not kernels:
         sys.exit("no stamps")
     for name, blocks in kernels.items():
-        # An earlier, larger launch leaves stamps past the last launch's grid.
+        # An earlier, larger launch leaves stamps past the last launch's grid, and one with
+        # more atoms leaves atom stamps older than this launch's start.
         last = max(blocks, key=lambda b: b["start"])["blocks"]
         kernels[name] = [b for b in blocks if b["block"] < last]
+        for b in kernels[name]:
+            b["atoms"] = [b[f"atom{a}"] for a in range(ATOMS) if f"atom{a}" in b and b[f"atom{a}"] >= b["start"]]
     t0 = min(b["start"] for blocks in kernels.values() for b in blocks)
 
     def span(values):
@@ -39,6 +46,10 @@ def main(path):
         if not values:
             return "-"
         return f"{values[0]:7.2f} {statistics.median(values):7.2f} {values[-1]:7.2f}"
+
+    def spread(values):
+        values = sorted(values)
+        return f"{values[0]:6.2f} {statistics.median(values):6.2f} {values[-1]:6.2f}" if values else "-"
 
     print("per kernel: min / median / max in us from the earliest start")
     for name in sorted(kernels, key=lambda n: min(b["start"] for b in kernels[n])):
@@ -48,6 +59,14 @@ def main(path):
         for field, label in (("start", "start"), ("waited", "wait returned"), ("mark1", labels[0]),
                              ("mark2", labels[1]), ("exit", "exit")):
             print(f"  {label:<20} {span(b[field] for b in blocks)}")
+        atoms = max(len(b["atoms"]) for b in blocks)
+        if atoms:
+            print("  multiply loop: atom's x in shared memory, us after the block's wait; gap to the atom before")
+            for a in range(atoms):
+                have = [b for b in blocks if len(b["atoms"]) > a and b["waited"]]
+                after = [(b["atoms"][a] - b["waited"]) / 1000.0 for b in have]
+                gap = [(b["atoms"][a] - b["atoms"][a - 1]) / 1000.0 for b in have] if a else []
+                print(f"    atom {a:2d}  {spread(after)}   gap {spread(gap) if gap else '-'}")
 
 
 if __name__ == "__main__":

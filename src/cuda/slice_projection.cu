@@ -48,7 +48,7 @@ constexpr int kWeightAtomsInFlight = 3;
 
 #ifdef DSV4_FUSED_TIMELINE
 // mark1: every weight and x's first atom are in shared memory; mark2: the products are done
-// (before the stores).
+// (before the stores); atom[a]: atom a's x is in shared memory (its multiply is next).
 __device__ StepStamps g_slice_projection_stamps[kStepTimelineBlocks];
 #endif
 
@@ -125,6 +125,7 @@ __global__ void __launch_bounds__(kThreads, 1) slice_projection_kernel(const std
     fence_shared_for_wgmma();
     __syncthreads();  // atom a (and every weight) is in shared memory; the multiply of a - 2 is done
     if (a == 0) DSV4_STEP_STAMP(mark1);
+    DSV4_STEP_STAMP_ATOM(a);
     // Into the slot of atom a - 2 (the multiply of a - 1 may still read its slot).
     if (a >= 2) copy_x(a - 2 + kRing);
     else cp_async_commit();

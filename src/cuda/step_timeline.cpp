@@ -29,14 +29,19 @@ void write_step_timeline() {
   if (!path) return;
   FILE* out = std::fopen(path, "w");
   if (!out) return;
-  std::fprintf(out, "kernel,block,blocks,sm,start,waited,mark1,mark2,exit\n");
+  std::fprintf(out, "kernel,block,blocks,sm,start,waited,mark1,mark2,exit");
+  for (int a = 0; a < kStepTimelineAtoms; ++a) std::fprintf(out, ",atom%d", a);
+  std::fprintf(out, "\n");
   std::vector<StepStamps> host(kStepTimelineBlocks);
   for (const auto& [kernel, stamps] : registry().kernels) {
     if (cudaMemcpy(host.data(), stamps, host.size() * sizeof(StepStamps), cudaMemcpyDeviceToHost) != cudaSuccess) break;
-    for (std::size_t b = 0; b < host.size(); ++b)
-      if (host[b].start != 0)
-        std::fprintf(out, "%s,%zu,%u,%u,%llu,%llu,%llu,%llu,%llu\n", kernel.c_str(), b, host[b].blocks, host[b].sm,
-                     host[b].start, host[b].waited, host[b].mark1, host[b].mark2, host[b].exit);
+    for (std::size_t b = 0; b < host.size(); ++b) {
+      if (host[b].start == 0) continue;
+      std::fprintf(out, "%s,%zu,%u,%u,%llu,%llu,%llu,%llu,%llu", kernel.c_str(), b, host[b].blocks, host[b].sm,
+                   host[b].start, host[b].waited, host[b].mark1, host[b].mark2, host[b].exit);
+      for (unsigned long long t : host[b].atom) std::fprintf(out, ",%llu", t);
+      std::fprintf(out, "\n");
+    }
   }
   std::fclose(out);
 }

@@ -26,6 +26,12 @@ class StepRecorder {
   __device__ void stamp(unsigned long long StepStamps::*field) {
     if (threadIdx.x == 0) s_.*field = global_ns();
   }
+  // Straight to global memory (a store thread 0 does not wait for): a loop's index would put
+  // the registers' copy in local memory, inside the loop being timed.
+  __device__ void stamp_atom(int a) {
+    const unsigned block = blockIdx.x + gridDim.x * blockIdx.y;
+    if (threadIdx.x == 0 && block < kStepTimelineBlocks && a < kStepTimelineAtoms) all_[block].atom[a] = global_ns();
+  }
   __device__ ~StepRecorder() {
     __syncthreads();
     const unsigned block = blockIdx.x + gridDim.x * blockIdx.y;
@@ -33,7 +39,14 @@ class StepRecorder {
     s_.exit = global_ns();
     asm volatile("mov.u32 %0, %%smid;" : "=r"(s_.sm));
     s_.blocks = gridDim.x * gridDim.y;
-    all_[block] = s_;
+    StepStamps& out = all_[block];  // every field but atom[], which stamp_atom wrote
+    out.start = s_.start;
+    out.waited = s_.waited;
+    out.mark1 = s_.mark1;
+    out.mark2 = s_.mark2;
+    out.exit = s_.exit;
+    out.sm = s_.sm;
+    out.blocks = s_.blocks;
   }
 
  private:
@@ -56,11 +69,15 @@ bool register_step_stamps(const char* kernel, const Symbol& stamps) {
 
 #define DSV4_STEP_RECORDER(stamps) ::dsv4::cuda::StepRecorder dsv4_step_recorder(stamps)
 #define DSV4_STEP_STAMP(field) dsv4_step_recorder.stamp(&::dsv4::cuda::StepStamps::field)
+#define DSV4_STEP_STAMP_ATOM(a) dsv4_step_recorder.stamp_atom(a)
 #else
 #define DSV4_STEP_RECORDER(stamps) \
   do {                             \
   } while (0)
 #define DSV4_STEP_STAMP(field) \
   do {                         \
+  } while (0)
+#define DSV4_STEP_STAMP_ATOM(a) \
+  do {                          \
   } while (0)
 #endif

@@ -9,13 +9,20 @@
 
 namespace dsv4::cuda {
 
+constexpr int kStepTimelineBlocks = 1024;  // blocks of a launch that are recorded
+constexpr int kStepTimelineAtoms = 16;     // k atoms of a sliced projection block (Pro: 14)
+
 // One block's stamps: the global timer (ns) as thread 0 passed each phase; zero where the
 // block never passed it. mark1 and mark2 are the kernel's own (step_timeline.cuh says where).
+// atom[a]: the sliced projection's multiply loop as atom a's x was in shared memory for every
+// thread (after its barrier), so the gaps between them are what each atom cost; the running
+// step leaves them zero. A launch with fewer atoms leaves an earlier launch's stamps past its
+// own, older than its start.
 struct StepStamps {
   unsigned long long start, waited, mark1, mark2, exit;
   unsigned sm, blocks;
+  unsigned long long atom[kStepTimelineAtoms];
 };
-constexpr int kStepTimelineBlocks = 1024;  // blocks of a launch that are recorded
 
 // Writes `stamps` (kStepTimelineBlocks StepStamps in device memory) at exit, named `kernel`.
 void register_step_timeline(const char* kernel, const void* stamps);
