@@ -128,9 +128,9 @@ __global__ void __launch_bounds__(kRunningThreads, 2) running_step_kernel(Compre
   // The first entry's norm weights, cache row and RoPE angle come from the plan and weights.
   EntryInputsOf<kRunningThreads> in{};
   if (e1 > e0) in = load_entry_inputs<kRunningThreads>(c, p, cache != nullptr, e0);
-  // With `next_early` the next kernel may launch before this one's wait (launch_running_step
-  // says where): its own wait still orders it after this grid, which completes only after the
-  // kernel before it.
+  // With `next_early` the next kernel may launch before this one's wait (where:
+  // CudaBackend::next_launch_early). Its own wait still orders it after this grid, which
+  // completes only after the kernel before it.
   if (next_early) allow_next_kernel();
   // kv_score and the accumulators below (every block waits: see update_state_kernel).
   wait_for_previous_kernel();
