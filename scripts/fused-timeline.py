@@ -42,12 +42,14 @@ def main(path, first=0, last=1 << 30):
         print(f"  start            {span(b['start'] for b in blocks)}")
         print(f"  wait returned    {span(b['waited'] for b in blocks)}")
         for kind, marks in ((0, ("x + weights in smem", "products summed")),
-                            (1, ("slices summed", "pooled written", "state updated")),
+                            (1, ("slices/rows in smem", "pooled written", "state updated")),
                             (2, ("pooled in hand", "normed and roped", "stores issued"))):
             mine = [b for b in blocks if b["first_item"] == kind]
             if not mine:
                 continue
             print(f"  {KINDS[kind]} items ({len(mine)} blocks)")
+            if kind == 1 and any(b.get("staged") for b in mine):  # builds before the stamp lack it
+                print(f"    {'plan staged':<20} {span(b['staged'] for b in mine)}")
             for field, label in zip(("mark1", "mark2", "mark3"), marks):
                 if any(b.get(field) for b in mine):
                     print(f"    {label:<20} {span(b[field] for b in mine)}")

@@ -22,9 +22,11 @@ namespace {
 // shared memory / the products are summed (before the stores); pool: the slices are summed
 // into shared memory (after the row-block wait) / the pooled values are written (before the
 // state update); entry: its pooled values are in hand / normed, roped and rotated. mark3: pool
-// items: the state is updated; entry: its stores are issued.
+// items: the state is updated; entry: its stores are issued. staged: pool items only, the
+// group's plan values and PoolEntry values are in shared memory (in the compress step this
+// splits the time from the wait to the loaded rows into the plan's part and the rows' part).
 struct BlockStamps {
-  unsigned long long start, waited, mark1, mark2, mark3, first_end, exit;
+  unsigned long long start, waited, staged, mark1, mark2, mark3, first_end, exit;
   int first_item, sm;
 };
 __device__ __forceinline__ unsigned long long global_ns() {

@@ -150,6 +150,7 @@ __global__ void __launch_bounds__(kFusedThreads, kProject ? kBlocksPerSm : kComp
         // layer decode B=64 26.2 -> 22.8 us, B=256 44.1 -> 37.6, Pro B=64 33.2 -> 28.8.
         if constexpr (!kProject) wait_once();
         Group g = stage_plan(f, mb, local % mb.groups, raw);
+        DSV4_STAMP(f, staged);
         if constexpr (kProject) prefetch_pool_state(mb, g, rb);
         // The kStash instance (steps of at most 8 tokens whose items all have a block) pools
         // from a stash gathered while the projection runs (stash_pool_inputs).
@@ -244,14 +245,15 @@ void write_timeline() {
   if (!path) return;
   FILE* out = std::fopen(path, "w");
   if (!out) return;
-  std::fprintf(out, "plan,staged_kblocks,block,sm,first_item,start,waited,mark1,mark2,mark3,first_end,exit\n");
+  std::fprintf(out, "plan,staged_kblocks,block,sm,first_item,start,waited,staged,mark1,mark2,mark3,first_end,exit\n");
   auto& r = timeline_registry();
   for (std::size_t p = 0; p < r.records.size(); ++p) {
     std::vector<BlockStamps> host(static_cast<std::size_t>(r.records[p].second));
     if (cudaMemcpy(host.data(), r.records[p].first, host.size() * sizeof(BlockStamps), cudaMemcpyDeviceToHost) != cudaSuccess) break;
     for (std::size_t b = 0; b < host.size(); ++b)
-      std::fprintf(out, "%zu,%d,%zu,%d,%d,%llu,%llu,%llu,%llu,%llu,%llu,%llu\n", p, r.staged[p], b, host[b].sm,
-                   host[b].first_item, host[b].start, host[b].waited, host[b].mark1, host[b].mark2, host[b].mark3,
+      std::fprintf(out, "%zu,%d,%zu,%d,%d,%llu,%llu,%llu,%llu,%llu,%llu,%llu,%llu\n", p, r.staged[p], b,
+                   host[b].sm, host[b].first_item, host[b].start, host[b].waited, host[b].staged, host[b].mark1,
+                   host[b].mark2, host[b].mark3,
                    host[b].first_end, host[b].exit);
   }
   std::fclose(out);
