@@ -287,7 +287,9 @@ __device__ Group stage_plan(const FusedStep& f, const FusedMember& mb, int group
 // Asks L2 for the state the pool item will read (ratio 4: the stored rows of the windows that
 // complete; running state: the accumulators), so that after the wait those reads hit L2
 // instead of queueing in DRAM behind the next step's weight stream. A prefetch changes no
-// value (L2 is where every SM's reads and writes meet), so it may run before the wait.
+// value (L2 is where every SM's reads and writes meet), so it may run before the wait. Only
+// there is it worth its cost: the compress step running it right after its wait lost 1.8 to
+// 5.8 us a CSA layer step (docs/PERF.md, thirtieth pass).
 __device__ __noinline__ void prefetch_pool_state(const FusedMember& mb, const Group& g, int rb) {
   const CompressorConsts& c = mb.c;
   const StateView& st = mb.st;
