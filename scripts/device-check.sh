@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
 # On a machine with an NVIDIA GPU: build for sm_90a, run the CPU and GPU test suites, the
 # GPU suites under compute-sanitizer (memcheck, racecheck) on reduced shapes, and the demo.
-# Logs go to $OUT (or out/). Stages: build test sanitize bench demo (default: all), and
-# targets (only the rows the decode targets judge: CSA layer and HCA decode steps).
+# Stages: build test sanitize bench demo (default: all), and two more for performance work:
+# targets (only the rows the decode targets judge: CSA layer and HCA decode steps) and
+# timelines (a -DDSV4_FUSED_TIMELINE build's phase stamps for the rows in $TIMELINE_ROWS).
 # $DSV4_COMMIT names the tree in the log and the bench JSON (a copied tree's .git may be stale).
 # $SANITIZE_FILTER (a gtest filter) and $SANITIZE_TOOLS (memcheck racecheck) narrow the
 # sanitize stage to what a change touched.
+# Output in $OUT (or out/): summary.txt, the JSON/SVG/markdown results, timelines.txt, and
+# every log packed into logs.tgz at exit (the device tool returns at most 8 files).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 OUT=${OUT:-out}
-mkdir -p "$OUT"
+LOGS=$OUT/logs
+mkdir -p "$LOGS"
+pack_logs() { tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$LOGS"; }
+trap pack_logs EXIT
 stages=${*:-build test sanitize bench demo}
 BUILD_DIR=${BUILD_DIR:-build-device}
 status=0
@@ -21,16 +27,16 @@ for stage in $stages; do
       log "build $(date -u +%FT%TZ) ${DSV4_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}"
       nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$OUT/summary.txt"
       cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DDSV4_CUDA=ON \
-        -DCMAKE_CUDA_ARCHITECTURES=90a-real >"$OUT/build.log" 2>&1 &&
-        cmake --build "$BUILD_DIR" >>"$OUT/build.log" 2>&1 || { log "build FAILED"; tail -30 "$OUT/build.log"; exit 1; }
+        -DCMAKE_CUDA_ARCHITECTURES=90a-real >"$LOGS/build.log" 2>&1 &&
+        cmake --build "$BUILD_DIR" >>"$LOGS/build.log" 2>&1 || { log "build FAILED"; tail -30 "$LOGS/build.log"; exit 1; }
       ;;
     test)
-      "$BUILD_DIR"/tests/dsv4_cuda_tests >"$OUT/cuda_tests.log" 2>&1; rc=$?
-      log "dsv4_cuda_tests rc=$rc: $(grep -E '^\[  (PASSED|FAILED|SKIPPED) ' "$OUT/cuda_tests.log" | tr '\n' ' ')"
-      grep -E "relative L2|vs solo|running kv|GPU soak|vs unfused|FAILED|Failure" "$OUT/cuda_tests.log" | head -80
+      "$BUILD_DIR"/tests/dsv4_cuda_tests >"$LOGS/cuda_tests.log" 2>&1; rc=$?
+      log "dsv4_cuda_tests rc=$rc: $(grep -E '^\[  (PASSED|FAILED|SKIPPED) ' "$LOGS/cuda_tests.log" | tr '\n' ' ')"
+      grep -E "relative L2|vs solo|running kv|GPU soak|vs unfused|FAILED|Failure" "$LOGS/cuda_tests.log" | head -80
       [ $rc -eq 0 ] || status=1
-      "$BUILD_DIR"/tests/dsv4_tests >"$OUT/cpu_tests.log" 2>&1; rc=$?
-      log "dsv4_tests rc=$rc: $(grep -E '^\[  (PASSED|FAILED) ' "$OUT/cpu_tests.log" | tr '\n' ' ')"
+      "$BUILD_DIR"/tests/dsv4_tests >"$LOGS/cpu_tests.log" 2>&1; rc=$?
+      log "dsv4_tests rc=$rc: $(grep -E '^\[  (PASSED|FAILED) ' "$LOGS/cpu_tests.log" | tr '\n' ' ')"
       [ $rc -eq 0 ] || status=1
       ;;
     sanitize)
@@ -45,22 +51,22 @@ for stage in $stages; do
           tool_filter+=CudaSlicedProjection.RunningStepsMatchFusedStepBitForBit
         fi
         DSV4_TEST_SMALL=1 compute-sanitizer --tool $tool --error-exitcode 99 \
-          "$BUILD_DIR"/tests/dsv4_cuda_tests --gtest_filter="$tool_filter" >"$OUT/sanitizer_$tool.log" 2>&1; rc=$?
-        log "compute-sanitizer $tool rc=$rc: $(grep -E 'ERROR SUMMARY|HAZARD|^\[  (PASSED|FAILED) ' "$OUT/sanitizer_$tool.log" | tr '\n' ' ')"
+          "$BUILD_DIR"/tests/dsv4_cuda_tests --gtest_filter="$tool_filter" >"$LOGS/sanitizer_$tool.log" 2>&1; rc=$?
+        log "compute-sanitizer $tool rc=$rc: $(grep -E 'ERROR SUMMARY|HAZARD|^\[  (PASSED|FAILED) ' "$LOGS/sanitizer_$tool.log" | tr '\n' ' ')"
         # racecheck reports hazards inside cuBLASLt's own kernels (nvjet_*, met at hidden 512);
         # they are listed, and only hazards in the library's kernels or a failed test count.
-        ours=$(grep -E '^========= (Error|Warning): ' "$OUT/sanitizer_$tool.log" | grep -vc 'nvjet_')
-        if [ $tool = racecheck ] && [ $rc -eq 99 ] && [ "$ours" -eq 0 ] && grep -q '^\[  PASSED  \]' "$OUT/sanitizer_$tool.log" &&
-          ! grep -q '^\[  FAILED  \]' "$OUT/sanitizer_$tool.log"; then
-          log "racecheck: every hazard reported is in cuBLASLt's kernels: $(grep -E '^========= (Error|Warning): ' "$OUT/sanitizer_$tool.log" | sed 's/+0x[0-9a-f]*//g' | sort -u | tr '\n' ' ')"
+        ours=$(grep -E '^========= (Error|Warning): ' "$LOGS/sanitizer_$tool.log" | grep -vc 'nvjet_')
+        if [ $tool = racecheck ] && [ $rc -eq 99 ] && [ "$ours" -eq 0 ] && grep -q '^\[  PASSED  \]' "$LOGS/sanitizer_$tool.log" &&
+          ! grep -q '^\[  FAILED  \]' "$LOGS/sanitizer_$tool.log"; then
+          log "racecheck: every hazard reported is in cuBLASLt's kernels: $(grep -E '^========= (Error|Warning): ' "$LOGS/sanitizer_$tool.log" | sed 's/+0x[0-9a-f]*//g' | sort -u | tr '\n' ' ')"
           rc=0
         fi
         [ $rc -eq 0 ] || status=1
       done
       ;;
     bench)
-      "$BUILD_DIR"/dsv4-compressor bench --json "$OUT/bench.json" --svg "$OUT/bench.svg" >"$OUT/bench.log" 2>&1; rc=$?
-      cat "$OUT/bench.log"
+      "$BUILD_DIR"/dsv4-compressor bench --json "$OUT/bench.json" --svg "$OUT/bench.svg" >"$LOGS/bench.log" 2>&1; rc=$?
+      cat "$LOGS/bench.log"
       log "bench rc=$rc"
       # Where the decode targets stand in this run (docs/PERF.md).
       [ $rc -eq 0 ] && python3 scripts/decode-targets.py "$OUT/bench.json" >"$OUT/targets.md" 2>&1 &&
@@ -71,15 +77,43 @@ for stage in $stages; do
       # The rows the decode targets judge (CSA layer and HCA, every decode batch) in one run,
       # against one floor: the top table of docs/PERF.md in a few minutes, not the full bench's.
       "$BUILD_DIR"/dsv4-compressor bench --filter 'HCA decode|CSA layer decode' --json "$OUT/targets.json" \
-        >"$OUT/targets.log" 2>&1; rc=$?
+        >"$LOGS/targets.log" 2>&1; rc=$?
       log "targets bench rc=$rc"
       [ $rc -eq 0 ] && python3 scripts/decode-targets.py "$OUT/targets.json" >"$OUT/targets.md" 2>&1 &&
         log "targets: $(tail -1 "$OUT/targets.md")"
       [ $rc -eq 0 ] || status=1
       ;;
+    timelines)
+      # Phase stamps (docs/PERF.md's timelines): a second build with -DDSV4_FUSED_TIMELINE=ON,
+      # then one bench row at a time with both stamp files asked for; HCA rows past 8 tokens
+      # stamp the sliced projection and the running step, the others the fused kernel.
+      TL_DIR=${TIMELINE_BUILD_DIR:-build-timeline}
+      cmake -S . -B "$TL_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DDSV4_CUDA=ON -DDSV4_FUSED_TIMELINE=ON \
+        -DCMAKE_CUDA_ARCHITECTURES=90a-real >"$LOGS/build-timeline.log" 2>&1 &&
+        cmake --build "$TL_DIR" --target dsv4-compressor >>"$LOGS/build-timeline.log" 2>&1 ||
+        { log "timeline build FAILED"; status=1; continue; }
+      rows=${TIMELINE_ROWS:-flash HCA decode B=32;flash HCA decode B=64;flash HCA decode B=128;pro HCA decode B=64;flash CSA layer decode B=64}
+      IFS=';' read -ra row_list <<<"$rows"
+      for row in "${row_list[@]}"; do
+        name=$(echo "$row" | tr -c 'A-Za-z0-9\n' '_')
+        DSV4_STEP_TIMELINE_CSV="$LOGS/step-$name.csv" DSV4_FUSED_TIMELINE_CSV="$LOGS/fused-$name.csv" \
+          "$TL_DIR"/dsv4-compressor bench --filter "$row" --batches "${row##*B=}" >>"$LOGS/timelines-bench.log" 2>&1 ||
+          { log "timeline row '$row' FAILED"; status=1; continue; }
+        { echo "## $row"
+          if [ -s "$LOGS/step-$name.csv" ]; then  # (d) took the sliced projection
+            python3 scripts/step-timeline.py "$LOGS/step-$name.csv"
+          elif [ -s "$LOGS/fused-$name.csv" ]; then  # the first two launched plans: (d)'s consecutive steps
+            python3 scripts/fused-timeline.py "$LOGS/fused-$name.csv" | awk '/^plan /{n++} n<=2'
+          else
+            echo "no stamps: the row ran on no GPU kernel of this build"
+          fi
+          echo; } >>"$OUT/timelines.txt" 2>&1
+      done
+      log "timelines: $(grep -c '^## ' "$OUT/timelines.txt") rows in timelines.txt"
+      ;;
     demo)
-      "$BUILD_DIR"/dsv4-compressor demo --device cuda >"$OUT/demo.log" 2>&1; rc=$?
-      cat "$OUT/demo.log"
+      "$BUILD_DIR"/dsv4-compressor demo --device cuda >"$LOGS/demo.log" 2>&1; rc=$?
+      cat "$LOGS/demo.log"
       log "demo rc=$rc"
       [ $rc -eq 0 ] || status=1
       ;;
