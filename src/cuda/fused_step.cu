@@ -255,8 +255,7 @@ void write_timeline() {
     for (std::size_t b = 0; b < host.size(); ++b)
       std::fprintf(out, "%zu,%d,%zu,%d,%d,%llu,%llu,%llu,%llu,%llu,%llu,%llu,%llu\n", p, r.staged[p], b,
                    host[b].sm, host[b].first_item, host[b].start, host[b].waited, host[b].staged, host[b].mark1,
-                   host[b].mark2, host[b].mark3,
-                   host[b].first_end, host[b].exit);
+                   host[b].mark2, host[b].mark3, host[b].first_end, host[b].exit);
   }
   std::fclose(out);
 }
