@@ -444,6 +444,11 @@ TEST(CudaCompressStep, OneLaunchMatchesPerStageKernelsBitForBit) {
       for (std::int64_t e = 0; e < 25; ++e) b.cache_locations.push_back(e);
       EXPECT_TRUE(group_a.plan({b, b}, {&pm, &pi}).compress_step()) << label;
       EXPECT_FALSE(group_b.plan({b, b}, {&qm, &qi}).compress_step()) << label;
+      // A step that completes no entry: the members' state updates in one launch, which is not
+      // the compress step (the schedule below serves such steps both ways and compares).
+      Batch partial;
+      partial.add(0, 0, 2);
+      EXPECT_FALSE(group_a.plan({partial, partial}, {&pm, &pi}).compress_step()) << label;
       // The automatic choice takes it for a CSA layer's group.
       Options automatic = single;
       automatic.compress_launch = CompressLaunch::automatic;

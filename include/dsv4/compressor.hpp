@@ -253,7 +253,7 @@ class GroupPlan {
   bool fused() const { return fused_ != nullptr; }
   // Whether, after the shared projection, every member's pooling, state update and entries run
   // in one launch (Options::compress_launch).
-  bool compress_step() const { return compress_ != nullptr; }
+  bool compress_step() const { return compress_step_; }
 
  private:
   friend class CompressorGroup;
@@ -262,6 +262,7 @@ class GroupPlan {
   std::shared_ptr<void> rows_;   // the shared projection's output (unfused path)
   std::shared_ptr<void> fused_;  // the members as one fused step, where the backend chose it
   std::shared_ptr<void> compress_;  // unfused: every member's compress in one launch, where supported
+  bool compress_step_ = false;      // compress_ is the compress step (not the members' state updates alone)
 };
 
 // Compressors that read the same x, such as a CSA layer's main and indexer compressors: one

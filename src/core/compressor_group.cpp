@@ -69,6 +69,7 @@ GroupPlan CompressorGroup::plan(const std::vector<Batch>& batches, const std::ve
   if (!out.fused_) {
     out.rows_ = projection_->allocate_rows(out.num_tokens());
     out.compress_ = projection_->prepare_compress(datas);
+    out.compress_step_ = out.compress_ && projection_->compress_runs_step(out.compress_.get());
   }
   out.owner_ = this;
   return out;

@@ -98,6 +98,9 @@ class GroupProjection {
     (void)plans;
     return nullptr;
   }
+  // Whether `compress` (from prepare_compress) is the compress step (GroupPlan::compress_step),
+  // not another joint launch such as the members' state updates alone.
+  virtual bool compress_runs_step(const void* compress) const { return compress != nullptr; }
   virtual void run_compress(const void* compress, const std::vector<KvScoreRows>& rows,
                             const std::vector<detail::StateData*>& states,
                             const std::vector<RunOutputs>& outputs, void* stream) const {

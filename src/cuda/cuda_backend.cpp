@@ -436,6 +436,17 @@ class CudaBackend final : public Backend {
     return {state.memory, precision_.state, state.slot_bytes, state.ring_rows, state.row_elems, state.running};
   }
 
+  // Whether everything after this plan's projection is its state update: a decode-shaped step
+  // that completes no entry and does not take the running step. A group of two runs both
+  // members' updates in one launch then (CudaGroupProjection::prepare_compress).
+  bool state_update_alone(const detail::PlanData& plan) const {
+    const auto& cp = *static_cast<const CudaPlan*>(plan.backend_data.get());
+    return options_.compress_launch != CompressLaunch::per_stage && plan.num_entries() == 0 &&
+           plan.num_tokens() <= cuda::kFusedMaxTokens && !cp.running_step;
+  }
+
+  bool pdl() const { return pdl_; }
+
   int device() const { return device_; }
 
  private:
@@ -489,30 +500,66 @@ class CudaGroupProjection final : public GroupProjection {
                    static_cast<cudaStream_t>(stream));
   }
 
+  // What a group runs after its projection in one launch: the compress step (a step that
+  // completes an entry), or, for a group of two whose step completes none, both members' state
+  // updates (launch_update_state_group: one kernel boundary instead of two).
+  struct GroupCompress {
+    std::shared_ptr<FusedPlan> step;
+    std::vector<cuda::FusedMember> members;  // state updates: each member's consts and plan
+  };
+
   // A group of two (a CSA layer's main and indexer) takes the compress step wherever it is
   // supported: measured on the H100 against the per-stage kernels (docs/PERF.md, 2026-11-24),
   // Flash CSA layer decode B=32 27.3 against 31.9 us, B=64 29.2 against 35.1, B=128 37.2
   // against 41.8, B=256 43.7 against 44.2; Pro B=64 38.5 against 44.4. A group of one is a
-  // compressor alone.
+  // compressor alone. Where the step completes no entry, a group of two updates both
+  // members' states in one launch (not yet measured on a device).
   std::shared_ptr<void> prepare_compress(const std::vector<const detail::PlanData*>& plans) const override {
     if (members_.size() > static_cast<std::size_t>(cuda::kFusedMaxMembers)) return nullptr;
     if (members_.size() == 1 && !members_[0]->compress_step_alone(*plans[0])) return nullptr;
-    std::vector<cuda::FusedMember> fm;
+    auto out = std::make_shared<GroupCompress>();
+    bool step = true, state_updates = members_.size() == 2;
     for (std::size_t k = 0; k < members_.size(); ++k) {
-      if (!members_[k]->compress_step_supported(*plans[k])) return nullptr;
-      fm.push_back(members_[k]->fused_member(*static_cast<const CudaPlan*>(plans[k]->backend_data.get()), nullptr));
+      step = step && members_[k]->compress_step_supported(*plans[k]);
+      state_updates = state_updates && members_[k]->state_update_alone(*plans[k]);
+      out->members.push_back(members_[k]->fused_member(*static_cast<const CudaPlan*>(plans[k]->backend_data.get()), nullptr));
     }
-    cuda::DeviceGuard guard(device_);
-    return make_fused_plan(device_, fm, plans[0]->num_tokens(), hidden_, true);
+    if (step) {
+      cuda::DeviceGuard guard(device_);
+      out->step = make_fused_plan(device_, out->members, plans[0]->num_tokens(), hidden_, true);
+    } else if (!state_updates) {
+      return nullptr;
+    }
+    return out;
+  }
+
+  bool compress_runs_step(const void* compress) const override {
+    return compress && static_cast<const GroupCompress*>(compress)->step;
   }
 
   void run_compress(const void* compress, const std::vector<KvScoreRows>& rows,
                     const std::vector<detail::StateData*>& states, const std::vector<RunOutputs>& outputs,
                     void* stream) const override {
+    const auto& gc = *static_cast<const GroupCompress*>(compress);
     std::vector<cuda::KvScoreView> kv;
     for (const KvScoreRows& r : rows) kv.push_back({r.data, r.dtype, r.ld});
-    run_fused_plan(device_, *static_cast<const FusedPlan*>(compress), nullptr, kv, state_views(states), outputs,
-                   static_cast<cudaStream_t>(stream));
+    const auto s = static_cast<cudaStream_t>(stream);
+    if (gc.step) {
+      run_fused_plan(device_, *gc.step, nullptr, kv, state_views(states), outputs, s);
+      return;
+    }
+    // Two members' state updates: what each member's compress() would launch, in one kernel
+    // where their dtypes allow it.
+    const std::vector<cuda::StateView> st = state_views(states);
+    const cuda::StateUpdateMember a{gc.members[0].c, gc.members[0].p, kv[0], st[0]};
+    const cuda::StateUpdateMember b{gc.members[1].c, gc.members[1].p, kv[1], st[1]};
+    cuda::DeviceGuard guard(device_);
+    const bool pdl = members_[0]->pdl();
+    if (cuda::update_state_group_supported(a, b)) {
+      cuda::launch_update_state_group(a, b, s, pdl);
+      return;
+    }
+    for (const cuda::StateUpdateMember* m : {&a, &b}) cuda::launch_update_state(m->c, m->plan, m->kv, m->state, s, pdl);
   }
 
  private:

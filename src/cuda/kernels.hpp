@@ -84,6 +84,20 @@ void launch_finish_entries(const CompressorConsts& c, const DevicePlan& plan, fl
 void launch_update_state(const CompressorConsts& c, const DevicePlan& plan, KvScoreView kv,
                          StateView state, cudaStream_t stream, bool pdl);
 
+// One compressor's part of launch_update_state_group.
+struct StateUpdateMember {
+  CompressorConsts c;
+  DevicePlan plan;
+  KvScoreView kv;
+  StateView state;
+};
+// launch_update_state for the two members of a CSA layer's group in one launch (a step that
+// completes no entry: the state update is everything after the projection), so the group pays
+// one kernel boundary instead of two. Stored rows only (not running state), both members'
+// kv_score of one dtype and their states of one dtype; the same copies as launch_update_state.
+bool update_state_group_supported(const StateUpdateMember& a, const StateUpdateMember& b);
+void launch_update_state_group(const StateUpdateMember& a, const StateUpdateMember& b, cudaStream_t stream, bool pdl);
+
 // Whether the code loaded for `device` was built for sm_90a (wgmma); asked once per device.
 bool wgmma_code_loaded(int device);
 
