@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # On a machine with an NVIDIA GPU: build for sm_90a, run the CPU and GPU test suites, the
 # GPU suites under compute-sanitizer (memcheck, racecheck) on reduced shapes, and the demo.
-# Stages: build test sanitize bench demo (default: all), and two more for performance work:
-# targets (only the rows the decode targets judge: CSA layer and HCA decode steps) and
-# timelines (a -DDSV4_FUSED_TIMELINE build's phase stamps for the rows in $TIMELINE_ROWS).
+# Stages: build test sanitize bench demo (default: all), and three more for performance work:
+# targets (only the rows the decode targets judge: CSA layer and HCA decode steps), timelines
+# (a -DDSV4_FUSED_TIMELINE build's phase stamps for the rows in $TIMELINE_ROWS) and profile
+# (Nsight Compute on one kernel, $PROFILE_KERNEL, of one row, $PROFILE_ROW).
 # $DSV4_COMMIT names the tree in the log and the bench JSON (a copied tree's .git may be stale).
 # $SANITIZE_FILTER (a gtest filter) and $SANITIZE_TOOLS (memcheck racecheck) narrow the
 # sanitize stage to what a change touched.
-# Output in $OUT (or out/): summary.txt, the JSON/SVG/markdown results, timelines.txt, and
-# every log packed into logs.tgz at exit (the device tool returns at most 8 files).
+# Output in $OUT (or out/): summary.txt, the JSON/SVG/markdown results, timelines.txt,
+# profile.ncu-rep and profile.txt, and every log packed into logs.tgz at exit (the device
+# tool returns at most 8 files).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 OUT=${OUT:-out}
@@ -110,6 +112,23 @@ for stage in $stages; do
           echo; } >>"$OUT/timelines.txt" 2>&1
       done
       log "timelines: $(grep -c '^## ' "$OUT/timelines.txt") rows in timelines.txt"
+      ;;
+    profile)
+      # Nsight Compute on one kernel of one bench row ($PROFILE_ROW, $PROFILE_KERNEL: a regex of
+      # kernel names): the full section set of one launch after the warm-up, stall reasons per
+      # source line included. Kernels run one at a time under ncu (no overlap between launches),
+      # so its durations are not the bench's; what it tells is where a kernel's own time goes.
+      row=${PROFILE_ROW:-flash HCA decode B=64}
+      kernel=${PROFILE_KERNEL:-slice_projection}
+      timeout 300 ncu --kernel-name "regex:$kernel" --launch-skip 20 --launch-count 1 --set full -f -o "$OUT/profile" \
+        "$BUILD_DIR"/dsv4-compressor bench --filter "$row" --batches "${row##*B=}" >"$LOGS/profile.log" 2>&1; rc=$?
+      if [ $rc -eq 0 ] && [ -s "$OUT/profile.ncu-rep" ]; then
+        ncu --import "$OUT/profile.ncu-rep" --page details >"$OUT/profile.txt" 2>&1
+        ncu --import "$OUT/profile.ncu-rep" --page source --csv --print-source sass >"$LOGS/profile-source.csv" 2>&1
+        log "profile '$row' ($kernel): $(grep -cE '^ +[A-Z]' "$OUT/profile.txt") lines in profile.txt"
+      else
+        log "profile '$row' ($kernel) FAILED rc=$rc"; tail -20 "$LOGS/profile.log"; status=1
+      fi
       ;;
     demo)
       "$BUILD_DIR"/dsv4-compressor demo --device cuda >"$LOGS/demo.log" 2>&1; rc=$?
