@@ -118,9 +118,12 @@ for stage in $stages; do
       # kernel names): the full section set of one launch after the warm-up, stall reasons per
       # source line included. Kernels run one at a time under ncu (no overlap between launches),
       # so its durations are not the bench's; what it tells is where a kernel's own time goes.
+      # Caches are not flushed between passes and clocks not locked, as in the bench (with the
+      # flush, instruction fetch led the stall samples of a warm kernel; docs/PERF.md).
       row=${PROFILE_ROW:-flash HCA decode B=64}
       kernel=${PROFILE_KERNEL:-slice_projection}
-      timeout 300 ncu --kernel-name "regex:$kernel" --launch-skip 20 --launch-count 1 --set full -f -o "$OUT/profile" \
+      timeout 300 ncu --kernel-name "regex:$kernel" --launch-skip 20 --launch-count 1 --set full \
+        --cache-control none --clock-control none -f -o "$OUT/profile" \
         "$BUILD_DIR"/dsv4-compressor bench --filter "$row" --batches "${row##*B=}" >"$LOGS/profile.log" 2>&1; rc=$?
       if [ $rc -eq 0 ] && [ -s "$OUT/profile.ncu-rep" ]; then
         ncu --import "$OUT/profile.ncu-rep" --page details >"$OUT/profile.txt" 2>&1
