@@ -513,7 +513,9 @@ class CudaGroupProjection final : public GroupProjection {
   // Flash CSA layer decode B=32 27.3 against 31.9 us, B=64 29.2 against 35.1, B=128 37.2
   // against 41.8, B=256 43.7 against 44.2; Pro B=64 38.5 against 44.4. A group of one is a
   // compressor alone. Where the step completes no entry, a group of two updates both
-  // members' states in one launch (not yet measured on a device).
+  // members' states in one launch: on the H100 (docs/PERF.md, thirty-first pass), CSA layer
+  // decode-partial Flash B=64 15.91 -> 14.79 us, Pro B=256 28.18 -> 26.96, against one
+  // update_state launch per member.
   std::shared_ptr<void> prepare_compress(const std::vector<const detail::PlanData*>& plans) const override {
     if (members_.size() > static_cast<std::size_t>(cuda::kFusedMaxMembers)) return nullptr;
     if (members_.size() == 1 && !members_[0]->compress_step_alone(*plans[0])) return nullptr;
