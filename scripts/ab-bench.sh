@@ -10,12 +10,13 @@
 # here, then carried to the device: a copied tree's .git may lack recent revisions).
 # BASE '-' builds the tree once and runs it twice a round: switches read from the
 # environment tell the sides apart ($AB_BASE_ENV, $AB_TREE_ENV: VAR=value ..., set for one
-# side's runs only).
+# side's runs only). $AB_TREE_BIN and $AB_BASE_BIN name binaries built beforehand
+# (scripts/build-for-device.sh), so that the device spends no time building.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
 mkdir -p "$OUT"
-[ $# -ge 1 ] || { sed -n '7,13p' "$0"; exit 2; }
+[ $# -ge 1 ] || { sed -n '7,14p' "$0"; exit 2; }
 base=$1; shift
 reps=2
 if [ $# -ge 1 ] && [ "$1" != "--" ]; then reps=$1; shift; fi
@@ -28,10 +29,19 @@ configure_and_build() {  # source dir, build dir, log
 }
 
 start=$(date +%s)
-tree_bin=build-ab-tree/dsv4-compressor
+# Binaries built elsewhere (scripts/build-for-device.sh, carried to the device) skip the
+# builds: $AB_TREE_BIN for the tree, $AB_BASE_BIN for BASE (not needed with BASE '-').
+tree_bin=${AB_TREE_BIN:-build-ab-tree/dsv4-compressor}
+build_tree() {
+  [ -n "${AB_TREE_BIN:-}" ] && return 0
+  configure_and_build . build-ab-tree "$OUT/ab-build-tree.log" || { tail -30 "$OUT/ab-build-tree.log"; return 1; }
+}
 if [ "$base" = "-" ]; then
-  configure_and_build . build-ab-tree "$OUT/ab-build-tree.log" || { tail -30 "$OUT/ab-build-tree.log"; exit 1; }
+  build_tree || exit 1
   base_bin=$tree_bin
+elif [ -n "${AB_BASE_BIN:-}" ]; then
+  build_tree || exit 1
+  base_bin=$AB_BASE_BIN
 else
   if [ -d "$base" ]; then
     base_src=$base
@@ -43,11 +53,11 @@ else
   fi
   configure_and_build "$base_src" "$base_src/build" "$OUT/ab-build-base.log" &
   base_pid=$!
-  configure_and_build . build-ab-tree "$OUT/ab-build-tree.log" || { tail -30 "$OUT/ab-build-tree.log"; exit 1; }
+  build_tree || exit 1
   wait $base_pid || { tail -30 "$OUT/ab-build-base.log"; exit 1; }
   base_bin=$base_src/build/dsv4-compressor
 fi
-echo "ab-bench: built in $(($(date +%s) - start)) s; base $base, tree $(git rev-parse --short HEAD 2>/dev/null || echo '?')" \
+echo "ab-bench: $([ -n "${AB_TREE_BIN:-}" ] && echo "binaries given ($tree_bin, $base_bin)" || echo "built in $(($(date +%s) - start)) s"); base $base, tree $(git rev-parse --short HEAD 2>/dev/null || echo '?')" \
   "$([ -n "$(git status --porcelain 2>/dev/null)" ] && echo '(uncommitted changes)')"
 
 # The JSONs' commit field: BASE, and for the tree $DSV4_COMMIT (a copied tree's .git may be stale).

@@ -6,6 +6,9 @@
 # (a -DDSV4_FUSED_TIMELINE build's phase stamps for the rows in $TIMELINE_ROWS) and profile
 # (Nsight Compute on one kernel, $PROFILE_KERNEL, of one row, $PROFILE_ROW).
 # $DSV4_COMMIT names the tree in the log and the bench JSON (a copied tree's .git may be stale).
+# $BUILD_DIR (default build-device): where the build stage builds and the others find the
+# binaries; binaries built on another machine (scripts/build-for-device.sh, carried) serve
+# when the build stage is left out.
 # $SANITIZE_FILTER (a gtest filter) and $SANITIZE_TOOLS (memcheck racecheck) narrow the
 # sanitize stage to what a change touched.
 # Output in $OUT (or out/): summary.txt, the JSON/SVG/markdown results, timelines.txt,
@@ -20,6 +23,10 @@ pack_logs() { tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$LOGS"; }
 trap pack_logs EXIT
 stages=${*:-build test sanitize bench demo}
 BUILD_DIR=${BUILD_DIR:-build-device}
+# Binaries built elsewhere (scripts/build-for-device.sh; run without the build stage): the
+# CLI tests run this tree's tool, and the CUDA libraries load from the toolkit.
+export DSV4_CLI=$PWD/$BUILD_DIR/dsv4-compressor
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 status=0
 log() { echo "== $*" | tee -a "$OUT/summary.txt"; }
 

@@ -26,7 +26,7 @@ struct Result {
 
 Result cli(const test::TempDir& dir, const std::string& args) {
   const std::string out = dir.file("stdout.txt"), err = dir.file("stderr.txt");
-  const std::string cmd = std::string(DSV4_CLI) + " " + args + " >" + out + " 2>" + err;
+  const std::string cmd = test::cli_path() + " " + args + " >" + out + " 2>" + err;
   const int status = std::system(cmd.c_str());
   return {WIFEXITED(status) ? WEXITSTATUS(status) : 128, test::read_bytes(out), test::read_bytes(err)};
 }

@@ -71,7 +71,7 @@ class Cli : public ::testing::Test {
 
   Result cli(const std::string& args) {
     const std::string err = dir_.file("stderr.txt");
-    const std::string cmd = std::string(DSV4_CLI) + " " + args + " >" + dir_.file("stdout.txt") + " 2>" + err;
+    const std::string cmd = test::cli_path() + " " + args + " >" + dir_.file("stdout.txt") + " 2>" + err;
     const int status = std::system(cmd.c_str());
     return {WIFEXITED(status) ? WEXITSTATUS(status) : 128, test::read_bytes(err)};
   }

@@ -1093,7 +1093,7 @@ TEST(CudaCli, RunMatchesCpu) {
   for (std::size_t i = 0; i < seqs.size(); ++i)
     xs.push_back({"x." + std::to_string(i), DType::bf16, {seqs[i].length, spec.hidden}, seqs[i].x.data()});
   io::write_safetensors(dir.file("x.safetensors"), xs);
-  const std::string base = std::string(DSV4_CLI) + " run --weights " + dir.file("w.safetensors") + " --prefix " + p +
+  const std::string base = test::cli_path() + " run --weights " + dir.file("w.safetensors") + " --prefix " + p +
                            " --input " + dir.file("x.safetensors") + " --chunks 7,1 --output ";
   ASSERT_EQ(std::system((base + dir.file("cpu.safetensors")).c_str()), 0);
   ASSERT_EQ(std::system((base + dir.file("gpu.safetensors") + " --device cuda").c_str()), 0);
@@ -1122,7 +1122,7 @@ TEST(CudaCli, DemoServesWithinSpec) {
   test::TempDir dir;
   for (const std::string model : {"flash", "pro"}) {
     const std::string out = dir.file("demo.txt"), err = dir.file("demo.err");
-    const std::string cmd = std::string(DSV4_CLI) + " demo --device cuda --model " + model + " --requests 8 >" + out +
+    const std::string cmd = test::cli_path() + " demo --device cuda --model " + model + " --requests 8 >" + out +
                             " 2>" + err;
     const int status = std::system(cmd.c_str());
     const std::string text = test::read_bytes(out);

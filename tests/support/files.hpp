@@ -1,9 +1,10 @@
-// Temporary files for tests that read and write them.
+// Temporary files for tests that read and write them, and the tool those tests run.
 #pragma once
 
 #include <unistd.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -29,6 +30,15 @@ class TempDir {
  private:
   std::filesystem::path path_;
 };
+
+// The dsv4-compressor binary the CLI tests run: $DSV4_CLI where set (test binaries carried to
+// another machine, scripts/build-for-device.sh), else the one built beside the tests.
+#ifdef DSV4_CLI
+inline std::string cli_path() {
+  const char* env = std::getenv("DSV4_CLI");
+  return env != nullptr && *env != '\0' ? std::string(env) : std::string(DSV4_CLI);
+}
+#endif
 
 inline void write_bytes(const std::string& path, const std::string& bytes) {
   std::ofstream(path, std::ios::binary) << bytes;
