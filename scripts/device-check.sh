@@ -25,7 +25,7 @@ stages=${*:-build test sanitize bench demo}
 BUILD_DIR=${BUILD_DIR:-build-device}
 # Binaries built elsewhere (scripts/build-for-device.sh; run without the build stage): the
 # CLI tests run this tree's tool, and the CUDA libraries load from the toolkit.
-export DSV4_CLI=$PWD/$BUILD_DIR/dsv4-compressor
+case $BUILD_DIR in /*) export DSV4_CLI=$BUILD_DIR/dsv4-compressor ;; *) export DSV4_CLI=$PWD/$BUILD_DIR/dsv4-compressor ;; esac
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 status=0
 log() { echo "== $*" | tee -a "$OUT/summary.txt"; }
