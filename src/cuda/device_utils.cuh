@@ -245,4 +245,17 @@ __device__ __forceinline__ float load_relaxed(const float* p) {
 
 inline unsigned ceil_div(std::int64_t a, std::int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
 
+// Calls f(ScoreT{}, StateT{}) with the element types that store a kv_score dtype and a state
+// dtype (f32: float, bf16: std::uint16_t), so that a launcher picks its kernel instance in one
+// place: launch_with_types(kv.dtype, st.dtype, [&](auto s, auto t) { launch<decltype(s),
+// decltype(t)>(...); }).
+template <class F>
+void launch_with_types(DType score, DType state, F&& f) {
+  const bool score_f32 = score == DType::f32, state_f32 = state == DType::f32;
+  if (score_f32 && state_f32) f(float{}, float{});
+  else if (score_f32) f(float{}, std::uint16_t{});
+  else if (state_f32) f(std::uint16_t{}, float{});
+  else f(std::uint16_t{}, std::uint16_t{});
+}
+
 }  // namespace dsv4::cuda

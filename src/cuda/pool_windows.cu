@@ -141,11 +141,9 @@ void launch(const CompressorConsts& c, const DevicePlan& p, KvScoreView kv, Stat
 void launch_pool_windows(const CompressorConsts& c, const DevicePlan& p, KvScoreView kv, StateView st, float* pooled,
                          cudaStream_t stream, bool pdl) {
   if (p.num_entries == 0) return;
-  const bool score_f32 = kv.dtype == DType::f32, state_f32 = st.dtype == DType::f32;
-  if (score_f32 && state_f32) launch<float, float>(c, p, kv, st, pooled, stream, pdl);
-  else if (score_f32) launch<float, std::uint16_t>(c, p, kv, st, pooled, stream, pdl);
-  else if (state_f32) launch<std::uint16_t, float>(c, p, kv, st, pooled, stream, pdl);
-  else launch<std::uint16_t, std::uint16_t>(c, p, kv, st, pooled, stream, pdl);
+  launch_with_types(kv.dtype, st.dtype, [&](auto score, auto state) {
+    launch<decltype(score), decltype(state)>(c, p, kv, st, pooled, stream, pdl);
+  });
   DSV4_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -122,11 +122,9 @@ void launch_group(const StateUpdateMember& a, const StateUpdateMember& b, cudaSt
 void launch_update_state(const CompressorConsts& c, const DevicePlan& p, KvScoreView kv, StateView st,
                          cudaStream_t stream, bool pdl) {
   if (p.num_requests == 0) return;
-  const bool score_f32 = kv.dtype == DType::f32, state_f32 = st.dtype == DType::f32;
-  if (score_f32 && state_f32) launch<float, float>(c, p, kv, st, stream, pdl);
-  else if (score_f32) launch<float, std::uint16_t>(c, p, kv, st, stream, pdl);
-  else if (state_f32) launch<std::uint16_t, float>(c, p, kv, st, stream, pdl);
-  else launch<std::uint16_t, std::uint16_t>(c, p, kv, st, stream, pdl);
+  launch_with_types(kv.dtype, st.dtype, [&](auto score, auto state) {
+    launch<decltype(score), decltype(state)>(c, p, kv, st, stream, pdl);
+  });
   DSV4_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -140,11 +138,9 @@ void launch_update_state_group(const StateUpdateMember& a, const StateUpdateMemb
   if (!update_state_group_supported(a, b))  // the caller asked first
     throw DeviceError("update_state_group: members need stored rows and one kv_score and one state dtype");
   if (a.plan.num_requests == 0 && b.plan.num_requests == 0) return;
-  const bool score_f32 = a.kv.dtype == DType::f32, state_f32 = a.state.dtype == DType::f32;
-  if (score_f32 && state_f32) launch_group<float, float>(a, b, stream, pdl);
-  else if (score_f32) launch_group<float, std::uint16_t>(a, b, stream, pdl);
-  else if (state_f32) launch_group<std::uint16_t, float>(a, b, stream, pdl);
-  else launch_group<std::uint16_t, std::uint16_t>(a, b, stream, pdl);
+  launch_with_types(a.kv.dtype, a.state.dtype, [&](auto score, auto state) {
+    launch_group<decltype(score), decltype(state)>(a, b, stream, pdl);
+  });
   DSV4_CUDA_CHECK(cudaGetLastError());
 }
 
