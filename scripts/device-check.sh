@@ -12,8 +12,8 @@
 # $SANITIZE_FILTER (a gtest filter) and $SANITIZE_TOOLS (memcheck racecheck) narrow the
 # sanitize stage to what a change touched.
 # Output in $OUT (or out/): summary.txt, the JSON/SVG/markdown results, timelines.txt,
-# profile.ncu-rep and profile.txt, and every log packed into logs.tgz at exit (the device
-# tool returns at most 8 files).
+# profile.ncu-rep, profile.txt and profile-stalls.txt (scripts/stall-summary.py), and every
+# log packed into logs.tgz at exit (the device tool returns at most 8 files).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 OUT=${OUT:-out}
@@ -135,6 +135,7 @@ for stage in $stages; do
       if [ $rc -eq 0 ] && [ -s "$OUT/profile.ncu-rep" ]; then
         ncu --import "$OUT/profile.ncu-rep" --page details >"$OUT/profile.txt" 2>&1
         ncu --import "$OUT/profile.ncu-rep" --page source --csv --print-source sass >"$LOGS/profile-source.csv" 2>&1
+        python3 scripts/stall-summary.py "$LOGS/profile-source.csv" >"$OUT/profile-stalls.txt" 2>&1
         log "profile '$row' ($kernel): $(grep -cE '^ +[A-Z]' "$OUT/profile.txt") lines in profile.txt"
       else
         log "profile '$row' ($kernel) FAILED rc=$rc"; tail -20 "$LOGS/profile.log"; status=1
