@@ -121,7 +121,16 @@ void run_fused_plan(int device, const FusedPlan& fp, const void* x, const std::v
   cuda::FusedStep f = fp.step;
   f.x = static_cast<const std::uint16_t*>(x);
   for (int k = 0; k < f.members; ++k) {
-    if (f.projected) f.m[k].kv = kv[static_cast<std::size_t>(k)];
+    if (f.projected) {
+      // The compress step loads 16 bytes of a row at once (load_projected_rows): the rows are
+      // the library's projection output (cudaMalloc'd, pitch and member offsets multiples of
+      // 64 columns, as fused_shape_supported's head_dim % 32 makes them).
+      const cuda::KvScoreView& rows = kv[static_cast<std::size_t>(k)];
+      const auto elem = static_cast<std::int64_t>(rows.dtype == DType::f32 ? 4 : 2);
+      if (reinterpret_cast<std::uintptr_t>(rows.data) % 16 != 0 || rows.ld * elem % 16 != 0)
+        throw Error("internal: the compress step's kv rows are not 16-byte aligned");
+      f.m[k].kv = rows;
+    }
     f.m[k].st = states[static_cast<std::size_t>(k)];
     const RunOutputs& o = outputs[static_cast<std::size_t>(k)];
     f.m[k].cache = o.cache ? o.cache->as<std::uint8_t>() : nullptr;

@@ -401,32 +401,46 @@ __device__ void sum_slices(const FusedStep& f, const FusedMember& mb, int rb_glo
 
 // The compress step's counterpart of sum_slices: the group's tokens' kv_score columns of row
 // block `rb`, from the rows the projection wrote, into vals, rounded as pool_windows rounds
-// them. Loads go out kInFlight a thread before any is stored: at decode sizes this is one
-// memory round trip, not one per value.
+// them. A token's columns of the row block are runs of channels_per_block adjacent ones
+// (block_column), so a thread loads 16 bytes of a run at once, 8 bf16 or 4 fp32 columns: the
+// rows are the library's own projection output, 16-byte aligned with a pitch of a multiple of
+// 64 columns (run_fused_plan checks it). The pooling's chain is bound by the latency of its
+// instructions (a warp issues about every 10 cycles, docs/PERF.md thirty-third pass), and an
+// element a load took 4 to 8 loads, each with its own index arithmetic, before the last one
+// was issued. All loads go out before any is stored: at decode sizes one memory round trip.
 template <class ScoreT>
 __device__ void load_projected_rows(const FusedStep& f, const FusedMember& mb, int rb, const Group& g, char* smem) {
-  constexpr int kInFlight = 8;
+  constexpr int kPerLoad = 16 / static_cast<int>(sizeof(ScoreT));
+  constexpr int kChunks = kFusedRowsPerBlock / kPerLoad;  // a token's 16-byte pieces
+  constexpr int kInFlight = 4;                             // 64 tokens of bf16 in one round
   const auto* rows = static_cast<const ScoreT*>(mb.kv.data);
   const int tokens = min(g.base + g.stride - 1, f.tokens) - g.base;  // the span's rows that exist
-  const int work = kFusedRowsPerBlock * tokens;
+  const int work = kChunks * tokens;
+  const int ch_shift = mb.c.overlap ? 4 : 5;  // log2(channels_per_block)
   const bool round = mb.c.round_bf16;
   float* vals = smem_vals(smem);
-  // Consecutive threads take consecutive rows of one token: runs of 16 or 32 adjacent columns.
   for (int idx0 = threadIdx.x; idx0 < work; idx0 += kInFlight * kFusedThreads) {
-    float v[kInFlight];
+    uint4 raw[kInFlight];
 #pragma unroll
     for (int k = 0; k < kInFlight; ++k) {
       const int idx = idx0 + k * kFusedThreads;
       if (idx < work) {
-        const int tok = idx / kFusedRowsPerBlock, row = idx % kFusedRowsPerBlock;
-        v[k] = to_float(__ldcg(rows + static_cast<std::int64_t>(g.base + tok) * mb.kv.ld + block_column(mb.c, rb, row)));
+        const int tok = idx / kChunks, row0 = idx % kChunks * kPerLoad;
+        const int column = (row0 >> ch_shift) * mb.c.head_dim + (rb << ch_shift) + (row0 & ((1 << ch_shift) - 1));
+        raw[k] = __ldcg(reinterpret_cast<const uint4*>(rows + static_cast<std::int64_t>(g.base + tok) * mb.kv.ld + column));
       }
     }
 #pragma unroll
     for (int k = 0; k < kInFlight; ++k) {
       const int idx = idx0 + k * kFusedThreads;
-      if (idx < work)
-        vals[(idx % kFusedRowsPerBlock) * g.stride + idx / kFusedRowsPerBlock] = round ? num::round_to_bf16(v[k]) : v[k];
+      if (idx >= work) continue;
+      const int tok = idx / kChunks, row0 = idx % kChunks * kPerLoad;
+      const ScoreT* v = reinterpret_cast<const ScoreT*>(&raw[k]);
+#pragma unroll
+      for (int e = 0; e < kPerLoad; ++e) {
+        const float x = to_float(v[e]);
+        vals[(row0 + e) * g.stride + tok] = round ? num::round_to_bf16(x) : x;
+      }
     }
   }
   __syncthreads();
