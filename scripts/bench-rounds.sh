@@ -22,7 +22,7 @@ while [ $# -ge 1 ] && [ "$1" != "--" ]; do
   [ -x "${1#*=}" ] || { echo "bench-rounds: no executable ${1#*=}" >&2; exit 2; }
   shift
 done
-[ ${#labels[@]} -ge 1 ] && [ $# -ge 1 ] || { sed -n '10,12p' "$0"; exit 2; }
+if [ ${#labels[@]} -eq 0 ] || [ $# -eq 0 ]; then sed -n '10,12p' "$0"; exit 2; fi
 shift  # the --
 budget=${BENCH_ROUNDS_BUDGET_S:-400}
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
