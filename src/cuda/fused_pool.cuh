@@ -405,9 +405,9 @@ __device__ void sum_slices(const FusedStep& f, const FusedMember& mb, int rb_glo
 // (block_column), so a thread loads 16 bytes of a run at once, 8 bf16 or 4 fp32 columns: the
 // rows are the library's own projection output, 16-byte aligned with a pitch of a multiple of
 // 64 columns (run_fused_plan checks it). The pooling's chain is bound by the latency of its
-// instructions (a warp issues about every 10 cycles, docs/PERF.md thirty-third pass), and an
-// element a load took 4 to 8 loads, each with its own index arithmetic, before the last one
-// was issued. All loads go out before any is stored: at decode sizes one memory round trip.
+// instructions (a warp issues about every 10 cycles, docs/PERF.md thirty-third pass): one
+// element a load took a thread 4 to 8 loads, each with its own index arithmetic, before its
+// last was issued. All loads go out before any is stored: at decode sizes one round trip.
 template <class ScoreT>
 __device__ void load_projected_rows(const FusedStep& f, const FusedMember& mb, int rb, const Group& g, char* smem) {
   constexpr int kPerLoad = 16 / static_cast<int>(sizeof(ScoreT));
