@@ -79,13 +79,17 @@ bool dependent_launch_supported(int device) {
 // launch).
 struct FusedPlan {
   std::shared_ptr<void> workspace;
+  std::shared_ptr<void> staged_groups;  // cuda::fused_stage_groups' bytes
   cuda::FusedStep step;
   int blocks = 0;
   bool pdl = false;  // programmatic dependent launch (sm_90 and later)
 };
 
+// `plans`: each member's plan on the host, from which its request groups are staged
+// (cuda::fused_stage_groups).
 std::shared_ptr<FusedPlan> make_fused_plan(int device, const std::vector<cuda::FusedMember>& members,
-                                           std::int64_t tokens, std::int64_t hidden, bool projected) {
+                                           const std::vector<cuda::HostPlan>& plans, std::int64_t tokens,
+                                           std::int64_t hidden, bool projected) {
   auto fp = std::make_shared<FusedPlan>();
   cuda::FusedStep& f = fp->step;
   f.projected = projected;
@@ -108,6 +112,10 @@ std::shared_ptr<FusedPlan> make_fused_plan(int device, const std::vector<cuda::F
   f.partials = static_cast<float*>(p);
   f.counters = reinterpret_cast<unsigned*>(static_cast<char*>(p) + partial_bytes);
   fp->blocks = cuda::fused_prepare_launch(f, device);
+  std::vector<std::size_t> offsets;
+  fp->staged_groups = device_copy(device, cuda::fused_stage_groups(f, plans, offsets));
+  for (int k = 0; k < f.members; ++k)
+    f.m[k].staged_groups = static_cast<const std::uint8_t*>(fp->staged_groups.get()) + offsets[static_cast<std::size_t>(k)];
   fp->pdl = dependent_launch_supported(device);
   return fp;
 }
@@ -221,7 +229,7 @@ class CudaBackend final : public Backend {
     cp->pooled = device_alloc(device_, pooled_bytes);
     cuda_fill(device_, cp->pooled.get(), 0xff, pooled_bytes);
     if (own_rows && fused_wins(plan, spec_.projection_width(), false)) {
-      cp->fused = make_fused_plan(device_, {fused_member(*cp, wkv_gate_.get())}, plan.num_tokens(), spec_.hidden, false);
+      cp->fused = make_fused_plan(device_, {fused_member(*cp, wkv_gate_.get())}, {host_plan(plan)}, plan.num_tokens(), spec_.hidden, false);
       plan.fused = true;
     } else {
       cp->running_step = running_step_applies(plan);
@@ -233,7 +241,7 @@ class CudaBackend final : public Backend {
       const std::size_t row_bytes = cp->sliced_projection ? cuda::kFusedSlices * 4 : dtype_size(precision_.kv_score);
       cp->kv_score = device_alloc(device_, static_cast<std::size_t>(plan.num_tokens() * spec_.projection_width()) * row_bytes);
       if (!cp->running_step && compress_step_alone(plan)) {
-        cp->compress_step = make_fused_plan(device_, {fused_member(*cp, nullptr)}, plan.num_tokens(), spec_.hidden, true);
+        cp->compress_step = make_fused_plan(device_, {fused_member(*cp, nullptr)}, {host_plan(plan)}, plan.num_tokens(), spec_.hidden, true);
         plan.compress_step = true;
       }
     }
@@ -441,6 +449,15 @@ class CudaBackend final : public Backend {
     return m;
   }
 
+  cuda::HostPlan host_plan(const detail::PlanData& plan) const {
+    cuda::HostPlan h;
+    for (const Request& q : plan.requests) h.start.push_back(q.start), h.slot.push_back(q.slot);
+    h.token_offset = &plan.token_offsets;
+    h.entry_offset = &plan.entry_offsets;
+    h.ring_rows = detail::state_ring_rows(spec_);  // every state of this compressor has these rows
+    return h;
+  }
+
   cuda::StateView state_view(const detail::StateData& state) const {
     return {state.memory, precision_.state, state.slot_bytes, state.ring_rows, state.row_elems, state.running};
   }
@@ -492,15 +509,17 @@ class CudaGroupProjection final : public GroupProjection {
   std::shared_ptr<void> prepare_fused(const std::vector<const detail::PlanData*>& plans) const override {
     if (members_.size() > static_cast<std::size_t>(cuda::kFusedMaxMembers)) return nullptr;
     std::vector<cuda::FusedMember> fm;
+    std::vector<cuda::HostPlan> hosts;
     std::int64_t row = 0;
     for (std::size_t k = 0; k < members_.size(); ++k) {
       if (!members_[k]->fused_wins(*plans[k], width_, members_.size() > 1)) return nullptr;
       const auto& cp = *static_cast<const CudaPlan*>(plans[k]->backend_data.get());
       fm.push_back(members_[k]->fused_member(cp, static_cast<const char*>(w_.get()) + row * hidden_ * 2));
+      hosts.push_back(members_[k]->host_plan(*plans[k]));
       row += members_[k]->spec().projection_width();
     }
     cuda::DeviceGuard guard(device_);
-    return make_fused_plan(device_, fm, plans[0]->num_tokens(), hidden_, false);
+    return make_fused_plan(device_, fm, hosts, plans[0]->num_tokens(), hidden_, false);
   }
 
   void run_fused(const void* fused, const TensorView& x, const std::vector<detail::StateData*>& states,
@@ -530,14 +549,16 @@ class CudaGroupProjection final : public GroupProjection {
     if (members_.size() == 1 && !members_[0]->compress_step_alone(*plans[0])) return nullptr;
     auto out = std::make_shared<GroupCompress>();
     bool step = true, state_updates = members_.size() == 2;
+    std::vector<cuda::HostPlan> hosts;
     for (std::size_t k = 0; k < members_.size(); ++k) {
+      hosts.push_back(members_[k]->host_plan(*plans[k]));
       step = step && members_[k]->compress_step_supported(*plans[k]);
       state_updates = state_updates && members_[k]->state_update_alone(*plans[k]);
       out->members.push_back(members_[k]->fused_member(*static_cast<const CudaPlan*>(plans[k]->backend_data.get()), nullptr));
     }
     if (step) {
       cuda::DeviceGuard guard(device_);
-      out->step = make_fused_plan(device_, out->members, plans[0]->num_tokens(), hidden_, true);
+      out->step = make_fused_plan(device_, out->members, hosts, plans[0]->num_tokens(), hidden_, true);
     } else if (!state_updates) {
       return nullptr;
     }

@@ -59,17 +59,41 @@ struct Group {
 };
 
 // Shared memory of a pool item: vals [64][stride <= vals_rows + 1] (FusedStep::vals_rows),
-// then the group's values, then (16-aligned) its PoolEntry values.
+// then the group's staged plan (GroupLayout), at most pool_group_bytes(group_requests,
+// tokens_cap) bytes: a group completes at most as many entries as it has tokens.
 __device__ __forceinline__ float* smem_vals(char* smem) { return reinterpret_cast<float*>(smem); }
 __host__ __device__ constexpr std::size_t pool_vals_bytes(int vals_rows) {
   return static_cast<std::size_t>(kFusedRowsPerBlock) * (vals_rows + 1) * 4;
 }
-__host__ __device__ constexpr std::size_t pool_entries_offset(int group_requests, int tokens_cap) {
+__host__ __device__ constexpr std::size_t pool_entries_offset(int group_requests, int entries_cap) {
   return (static_cast<std::size_t>(group_requests) * 16 + static_cast<std::size_t>(group_requests + 1) * 8 +
-          static_cast<std::size_t>(tokens_cap) * 4 + 15) / 16 * 16;
+          static_cast<std::size_t>(entries_cap) * 4 + 15) / 16 * 16;
 }
-__host__ __device__ constexpr std::size_t pool_group_bytes(int group_requests, int tokens_cap) {
-  return pool_entries_offset(group_requests, tokens_cap) + static_cast<std::size_t>(tokens_cap) * sizeof(PoolEntry);
+__host__ __device__ constexpr std::size_t pool_group_bytes(int group_requests, int entries_cap) {
+  return pool_entries_offset(group_requests, entries_cap) + static_cast<std::size_t>(entries_cap) * sizeof(PoolEntry);
+}
+// A group's staged plan, the same bytes on the host (fused_stage_groups writes them) and in a
+// pool item's shared memory (stage_plan copies them there): start and slot [group_requests],
+// token_offset and entry_offset [group_requests + 1] (the plan's, not rebased), entry_request
+// [entries_cap], then (16-aligned) PoolEntry [entries_cap].
+struct GroupLayout {
+  std::int64_t* start;
+  std::int64_t* slot;
+  int* token_offset;
+  int* entry_offset;
+  int* entry_request;
+  PoolEntry* entry;
+};
+__host__ __device__ inline GroupLayout group_layout(void* at, int group_requests, int entries_cap) {
+  auto* bytes = static_cast<char*>(at);
+  GroupLayout l;
+  l.start = reinterpret_cast<std::int64_t*>(bytes);
+  l.slot = l.start + group_requests;
+  l.token_offset = reinterpret_cast<int*>(l.slot + group_requests);
+  l.entry_offset = l.token_offset + group_requests + 1;
+  l.entry_request = l.entry_offset + group_requests + 1;
+  l.entry = reinterpret_cast<PoolEntry*>(bytes + pool_entries_offset(group_requests, entries_cap));
+  return l;
 }
 // The stash of a step of at most 8 tokens (8 requests at most: a request has a token at
 // least, Compressor::plan checks it), after the group's values:
@@ -229,58 +253,27 @@ __device__ float pool_ratio128(const FusedMember& mb, const float* vals, const G
   return total.a / total.s;
 }
 
-// Stages the group's per-request values in shared memory, and from them each entry's
-// PoolEntry. The plan's arrays are written once, when the plan is made, and never by a
-// kernel, so this may run before the wait for the previous kernel.
+// Copies the group's staged plan into shared memory: one round of 16-byte loads (432 bytes
+// for a group of 7 one-token requests). Its values and each entry's PoolEntry were worked out on
+// the host when the plan was made (fused_stage_groups), where a pool item staged the plan's
+// values first and then derived the entries' indices from them in 64-bit arithmetic: two
+// dependent phases after the compress step's wait (0.9 us, docs/PERF.md thirtieth pass). The
+// plan is written once, when it is made, and never by a kernel, so this may run before the
+// wait for the previous kernel.
 __device__ Group stage_plan(const FusedStep& f, const FusedMember& mb, int group, char* smem) {
-  const DevicePlan& p = mb.p;
   Group g;
   g.first = group * mb.group_requests;
-  g.requests = min(mb.group_requests, p.num_requests - g.first);
+  g.requests = min(mb.group_requests, mb.p.num_requests - g.first);
   char* at = smem + pool_vals_bytes(f.vals_rows);
-  g.start = reinterpret_cast<std::int64_t*>(at);
-  g.slot = g.start + mb.group_requests;
-  g.token_offset = reinterpret_cast<int*>(g.slot + mb.group_requests);
-  g.entry_offset = g.token_offset + mb.group_requests + 1;
-  g.entry_request = g.entry_offset + mb.group_requests + 1;
-  for (int k = threadIdx.x; k <= g.requests; k += kFusedThreads) {
-    g.token_offset[k] = static_cast<int>(p.token_offset[g.first + k]);
-    g.entry_offset[k] = static_cast<int>(p.entry_offset[g.first + k]);
-    if (k < g.requests) g.start[k] = p.start[g.first + k], g.slot[k] = p.slot[g.first + k];
-  }
+  const auto* src = reinterpret_cast<const uint4*>(mb.staged_groups + static_cast<std::int64_t>(group) * mb.staged_group_bytes);
+  for (int k = threadIdx.x; k < mb.staged_group_bytes / 16; k += kFusedThreads) reinterpret_cast<uint4*>(at)[k] = __ldg(src + k);
+  const GroupLayout l = group_layout(at, mb.group_requests, mb.group_entries_cap);
+  g.start = l.start, g.slot = l.slot, g.token_offset = l.token_offset, g.entry_offset = l.entry_offset;
+  g.entry_request = l.entry_request, g.entry = l.entry;
   __syncthreads();
   const int t0 = g.token_offset[0], t1 = g.token_offset[g.requests];
   g.base = t0 & ~3;
   g.stride = (((t1 + 3) & ~3) - g.base) | 1;
-  auto* entries = reinterpret_cast<PoolEntry*>(at + pool_entries_offset(mb.group_requests, f.tokens_cap));
-  g.entry = entries;
-  const CompressorConsts& c = mb.c;
-  for (int k = threadIdx.x; k < g.requests; k += kFusedThreads) {
-    const std::int64_t start = g.start[k];
-    const int tok0 = g.token_offset[k] - g.base;
-    for (int e = g.entry_offset[k]; e < g.entry_offset[k + 1]; ++e) {
-      const int el = e - g.entry_offset[0];
-      g.entry_request[el] = k;
-      const std::int64_t w = window_of(c, start) + (e - g.entry_offset[k]);
-      PoolEntry entry{};
-      entry.request = k;
-      if (c.overlap) {
-        // Window w completes in this step, so its last position 4w + 3 is at or after start:
-        // from_vals = start - 4(w - 1) is at most 7.
-        const std::int64_t p0 = (w - 1) * 4;
-        entry.first = w == 0 ? 4 : 0;
-        entry.from_vals = static_cast<int>(max(start - p0, std::int64_t{0}));
-        entry.vals_col = tok0 + static_cast<int>(p0 - start);
-        entry.ring_row = static_cast<int>(p0 & (mb.st.ring_rows - 1));
-      } else {
-        const std::int64_t w0 = w * c.ratio;
-        entry.first = static_cast<int>(max(start - w0, std::int64_t{0}));
-        entry.vals_col = tok0 + static_cast<int>(w0 - start);
-      }
-      entries[el] = entry;
-    }
-  }
-  __syncthreads();
   return g;
 }
 
@@ -407,31 +400,67 @@ __device__ void sum_slices(const FusedStep& f, const FusedMember& mb, int rb_glo
 // 64 columns (run_fused_plan checks it). The pooling's chain is bound by the latency of its
 // instructions (a warp issues about every 10 cycles, docs/PERF.md thirty-third pass): one
 // element a load took a thread 4 to 8 loads, each with its own index arithmetic, before its
-// last was issued. All loads go out before any is stored: at decode sizes one round trip.
+// last was issued. All loads of a round go out before any is stored: at decode sizes one
+// round, one round trip.
+constexpr int kRowLoadsInFlight = 4;  // a round: 64 tokens of bf16, 32 of fp32
+// The rows of a group's span that exist: from its first token rounded down to 4 (Group::base)
+// to its end rounded up to 4, within the step's tokens.
+struct RowSpan {
+  int base = 0, tokens = 0;
+};
+__device__ __forceinline__ RowSpan row_span(const FusedStep& f, int first_token, int end_token) {
+  const int base = first_token & ~3;
+  return {base, min((end_token + 3) & ~3, f.tokens) - base};
+}
+// One round of loads: chunk idx0 + k * kFusedThreads of the span, 16 bytes each, for any dtype
+// (a token's 64 columns are 4 << elem_shift chunks), so that it can be issued before the
+// plan's staging tells which dtype instance stores them.
+__device__ __forceinline__ void load_row_round(const FusedMember& mb, int rb, RowSpan s, int idx0,
+                                               uint4 (&raw)[kRowLoadsInFlight]) {
+  const int elem_shift = mb.kv.dtype == DType::f32 ? 2 : 1, chunk_shift = 2 + elem_shift, per_load_shift = 4 - elem_shift;
+  const int ch_shift = mb.c.overlap ? 4 : 5;  // log2(channels_per_block)
+  const int work = s.tokens << chunk_shift;
+  const char* rows = static_cast<const char*>(mb.kv.data);
+#pragma unroll
+  for (int k = 0; k < kRowLoadsInFlight; ++k) {
+    const int idx = idx0 + k * kFusedThreads;
+    if (idx < work) {
+      const int tok = idx >> chunk_shift, row0 = (idx & ((1 << chunk_shift) - 1)) << per_load_shift;
+      const int column = (row0 >> ch_shift) * mb.c.head_dim + (rb << ch_shift) + (row0 & ((1 << ch_shift) - 1));
+      raw[k] = __ldcg(reinterpret_cast<const uint4*>(rows + ((static_cast<std::int64_t>(s.base + tok) * mb.kv.ld + column) << elem_shift)));
+    }
+  }
+}
+// The compress step's first round of a pool item's kv rows, issued right after the wait from
+// the group's token span in the launch parameters (FusedMember::group_token_offset): its round
+// trip then overlaps the plan's, which stage_plan waits for, instead of following it (the
+// thirtieth pass's timeline: staging 0.9 us after the wait, then the rows).
+struct FirstRows {
+  uint4 raw[kRowLoadsInFlight];
+};
+__device__ __forceinline__ void load_first_rows(const FusedStep& f, const FusedMember& mb, int rb, int group, FirstRows& first) {
+  load_row_round(mb, rb, row_span(f, mb.group_token_offset[group], mb.group_token_offset[group + 1]), threadIdx.x, first.raw);
+}
+// `first`: load_first_rows' round, the same span (both from the plan's token offsets).
 template <class ScoreT>
-__device__ void load_projected_rows(const FusedStep& f, const FusedMember& mb, int rb, const Group& g, char* smem) {
+__device__ __forceinline__ void load_projected_rows(const FusedStep& f, const FusedMember& mb, int rb, const Group& g,
+                                                    const FirstRows& first, char* smem) {
   constexpr int kPerLoad = 16 / static_cast<int>(sizeof(ScoreT));
   constexpr int kChunks = kFusedRowsPerBlock / kPerLoad;  // a token's 16-byte pieces
-  constexpr int kInFlight = 4;                             // 64 tokens of bf16 in one round
-  const auto* rows = static_cast<const ScoreT*>(mb.kv.data);
-  const int tokens = min(g.base + g.stride - 1, f.tokens) - g.base;  // the span's rows that exist
-  const int work = kChunks * tokens;
-  const int ch_shift = mb.c.overlap ? 4 : 5;  // log2(channels_per_block)
+  const RowSpan s = row_span(f, g.token_offset[0], g.token_offset[g.requests]);
+  const int work = kChunks * s.tokens;
   const bool round = mb.c.round_bf16;
   float* vals = smem_vals(smem);
-  for (int idx0 = threadIdx.x; idx0 < work; idx0 += kInFlight * kFusedThreads) {
-    uint4 raw[kInFlight];
+  for (int idx0 = threadIdx.x; idx0 < work; idx0 += kRowLoadsInFlight * kFusedThreads) {
+    uint4 raw[kRowLoadsInFlight];
+    if (idx0 == static_cast<int>(threadIdx.x)) {
 #pragma unroll
-    for (int k = 0; k < kInFlight; ++k) {
-      const int idx = idx0 + k * kFusedThreads;
-      if (idx < work) {
-        const int tok = idx / kChunks, row0 = idx % kChunks * kPerLoad;
-        const int column = (row0 >> ch_shift) * mb.c.head_dim + (rb << ch_shift) + (row0 & ((1 << ch_shift) - 1));
-        raw[k] = __ldcg(reinterpret_cast<const uint4*>(rows + static_cast<std::int64_t>(g.base + tok) * mb.kv.ld + column));
-      }
+      for (int k = 0; k < kRowLoadsInFlight; ++k) raw[k] = first.raw[k];
+    } else {
+      load_row_round(mb, rb, s, idx0, raw);
     }
 #pragma unroll
-    for (int k = 0; k < kInFlight; ++k) {
+    for (int k = 0; k < kRowLoadsInFlight; ++k) {
       const int idx = idx0 + k * kFusedThreads;
       if (idx >= work) continue;
       const int tok = idx / kChunks, row0 = idx % kChunks * kPerLoad;
@@ -450,12 +479,14 @@ __device__ void load_projected_rows(const FusedStep& f, const FusedMember& mb, i
 // channels of every completed window of the group into the pooled slots the entries read,
 // then updates those channels' state.
 // `g` comes from stage_plan.
+// `first`: the compress step's first round of kv rows (load_first_rows; unused with kProject).
 template <bool kStash, bool kProject>
-__device__ void pool_item(const FusedStep& f, int member, int rb_global, int rb, const Group& g, char* smem) {
+__device__ void pool_item(const FusedStep& f, int member, int rb_global, int rb, const Group& g, const FirstRows& first,
+                          char* smem) {
   const FusedMember& mb = f.m[member];
   if constexpr (kProject) sum_slices(f, mb, rb_global, g, smem);
-  else if (mb.kv.dtype == DType::f32) load_projected_rows<float>(f, mb, rb, g, smem);
-  else load_projected_rows<std::uint16_t>(f, mb, rb, g, smem);
+  else if (mb.kv.dtype == DType::f32) load_projected_rows<float>(f, mb, rb, g, first, smem);
+  else load_projected_rows<std::uint16_t>(f, mb, rb, g, first, smem);
   DSV4_STAMP(f, mark1);
   const float* vals = smem_vals(smem);
   const CompressorConsts& c = mb.c;

@@ -150,7 +150,11 @@ __global__ void __launch_bounds__(kFusedThreads, kProject ? kBlocksPerSm : kComp
         // layer decode B=64 26.2 -> 22.8 us, B=256 44.1 -> 37.6, Pro B=64 33.2 -> 28.8.
         // Staging alone before the wait (no prefetch) measured even (thirtieth pass): the
         // blocks start only about 0.3 us before the wait returns.
-        if constexpr (!kProject) wait_once();
+        FirstRows first;
+        if constexpr (!kProject) {
+          wait_once();
+          load_first_rows(f, mb, rb, local % mb.groups, first);
+        }
         Group g = stage_plan(f, mb, local % mb.groups, raw);
         DSV4_STAMP(f, staged);
         if constexpr (kProject) prefetch_pool_state(mb, g, rb);
@@ -164,7 +168,7 @@ __global__ void __launch_bounds__(kFusedThreads, kProject ? kBlocksPerSm : kComp
           g.stash = stash;
           g.ape4 = reinterpret_cast<const float*>(stash + 8 * kStashRequestBytes);
         }
-        pool_item<kStash, kProject>(f, m, mb.first_row_block + rb, rb, g, raw);
+        pool_item<kStash, kProject>(f, m, mb.first_row_block + rb, rb, g, first, raw);
       } else {
         const int u = t - pool_end;
         const int m = (f.members > 1 && u >= f.m[1].first_entry) ? 1 : 0;
@@ -382,7 +386,10 @@ int fused_prepare_launch(FusedStep& f, int device) {
   const int beside_projection = f.tokens_cap <= 8 ? projection_items : 0;
   const int target_items = std::max(1, (f.projected ? kCompressBlocksPerSm : kBlocksPerSm) * sms - beside_projection);
   const int pool_target = f.entries < target_items / 2 ? target_items - f.entries : target_items;
-  const int most_groups = std::max(1, pool_target / std::max(1, f.row_blocks));
+  // The compress step carries each group's token span in its launch parameters: at most
+  // kCompressMostGroups groups (only a member of few row blocks on a large grid has more room).
+  int most_groups = std::max(1, pool_target / std::max(1, f.row_blocks));
+  if (f.projected) most_groups = std::min(most_groups, kCompressMostGroups);
   // Wider fused steps: groups whose (entry, channel) pairs fit one round of the block's
   // threads, where those groups' pool items still fit the grid. Pooling is a chain of
   // dependent loads a pair, and a second round doubled it: Flash CSA layer decode B=64, groups
@@ -469,6 +476,75 @@ int fused_prepare_launch(FusedStep& f, int device) {
   attach_timeline(f, blocks);
 #endif
   return blocks;
+}
+
+std::vector<std::uint8_t> fused_stage_groups(FusedStep& f, const std::vector<HostPlan>& plans,
+                                             std::vector<std::size_t>& member_offsets) {
+  std::vector<std::uint8_t> bytes;
+  member_offsets.clear();
+  for (int k = 0; k < f.members; ++k) {
+    FusedMember& mb = f.m[k];
+    const HostPlan& hp = plans[static_cast<std::size_t>(k)];
+    const std::vector<std::int64_t>& token_offset = *hp.token_offset;
+    const std::vector<std::int64_t>& entry_offset = *hp.entry_offset;
+    const CompressorConsts& c = mb.c;
+    const int n = mb.p.num_requests, size = mb.group_requests;
+    auto group_end = [&](int g) { return std::min(n, (g + 1) * size); };
+    int cap = 1;
+    for (int g = 0; g < mb.groups; ++g)
+      cap = std::max(cap, static_cast<int>(entry_offset[static_cast<std::size_t>(group_end(g))] -
+                                           entry_offset[static_cast<std::size_t>(g * size)]));
+    // Shared memory holds pool_group_bytes(group_requests, tokens_cap) (shared_bytes).
+    if (cap > f.tokens_cap) throw Error("internal: a request group completes more entries than the step has tokens");
+    if (f.projected && mb.groups > kCompressMostGroups)
+      throw Error("internal: a compress step with more request groups than its launch carries");
+    mb.group_entries_cap = cap;
+    mb.staged_group_bytes = static_cast<int>(pool_group_bytes(size, cap));
+    member_offsets.push_back(bytes.size());
+    bytes.resize(bytes.size() + static_cast<std::size_t>(mb.groups) * static_cast<std::size_t>(mb.staged_group_bytes));
+    for (int g = 0; g < mb.groups; ++g) {
+      const int first = g * size, requests = group_end(g) - first;
+      const GroupLayout l = group_layout(bytes.data() + member_offsets.back() + static_cast<std::size_t>(g) * mb.staged_group_bytes, size, cap);
+      auto at = [](const std::vector<std::int64_t>& v, int i) { return v[static_cast<std::size_t>(i)]; };
+      for (int r = 0; r <= requests; ++r) {
+        l.token_offset[r] = static_cast<int>(at(token_offset, first + r));
+        l.entry_offset[r] = static_cast<int>(at(entry_offset, first + r));
+      }
+      const int base = l.token_offset[0] & ~3;
+      for (int r = 0; r < requests; ++r) {
+        const std::int64_t start = at(hp.start, first + r);
+        l.start[r] = start;
+        l.slot[r] = at(hp.slot, first + r);
+        const int tok0 = l.token_offset[r] - base;
+        for (int e = l.entry_offset[r]; e < l.entry_offset[r + 1]; ++e) {
+          const int el = e - l.entry_offset[0];
+          const std::int64_t w = (start >> c.ratio_shift) + (e - l.entry_offset[r]);  // the entry's window
+          PoolEntry entry{};
+          entry.request = r;
+          if (c.overlap) {
+            // Window w completes in this step, so its last position 4w + 3 is at or after start:
+            // from_vals = start - 4(w - 1) is at most 7.
+            const std::int64_t p0 = (w - 1) * 4;
+            entry.first = w == 0 ? 4 : 0;
+            entry.from_vals = static_cast<int>(std::max<std::int64_t>(start - p0, 0));
+            entry.vals_col = tok0 + static_cast<int>(p0 - start);
+            entry.ring_row = static_cast<int>(p0 & (hp.ring_rows - 1));
+          } else {
+            const std::int64_t w0 = w * c.ratio;
+            entry.first = static_cast<int>(std::max<std::int64_t>(start - w0, 0));
+            entry.vals_col = tok0 + static_cast<int>(w0 - start);
+          }
+          l.entry_request[el] = r;
+          l.entry[el] = entry;
+        }
+      }
+      if (f.projected) {
+        mb.group_token_offset[g] = l.token_offset[0];
+        mb.group_token_offset[g + 1] = l.token_offset[requests];
+      }
+    }
+  }
+  return bytes;
 }
 
 void launch_fused_step(const FusedStep& f, int blocks, bool pdl, cudaStream_t stream) {
