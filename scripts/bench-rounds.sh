@@ -5,7 +5,9 @@
 # others' on one machine, then prints scripts/bench-compare.py's table of (d) against the
 # first label. A round is not started once $BENCH_ROUNDS_BUDGET_S seconds (default 400) have
 # passed, so that a device call's limit leaves room for the steps after it; the table then
-# holds the rounds that ran. Runs go to $OUT/rounds/LABEL-rN.json and .log.
+# holds the rounds that ran. Runs go to $OUT/rounds/LABEL-rN.json and .log, packed at the end
+# into $OUT/rounds.tgz (the device tool brings back only a few files a call), with the table
+# also in $OUT/rounds-compare.md.
 #
 # usage: scripts/bench-rounds.sh [REPS] LABEL=BINARY... -- BENCH_ARGS...
 #   e.g. scripts/bench-rounds.sh 2 main=build-carry/main/dsv4-compressor \
@@ -48,3 +50,5 @@ for r in $(seq 1 "$reps"); do
 done
 [ ${#runs[@]} -ge 1 ] || exit 1
 python3 scripts/bench-compare.py "${runs[@]}" | tee "$OUT/rounds/compare.md"
+cp "$OUT/rounds/compare.md" "$OUT/rounds-compare.md"
+tar czf "$OUT/rounds.tgz" -C "$OUT" rounds && rm -rf "$OUT/rounds"
