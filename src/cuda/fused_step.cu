@@ -101,7 +101,11 @@ __global__ void __launch_bounds__(kFusedThreads, kProject ? kBlocksPerSm : kComp
   const int pool_end = projection_items + f.pool_items;
   const int items = pool_end + f.entries;
   const bool one_wave = static_cast<int>(gridDim.x) >= items;  // a block for every item: no tickets
-  bool waited = false, released = false, left = false;
+  // The compress step in one wave touches no counter (no projection items release row blocks,
+  // no tickets are taken), so there is nothing for the last block out to reset: no block
+  // counts itself out, and no block pays the exit's fence and add.
+  const bool counters_untouched = !kProject && one_wave;
+  bool waited = false, released = false, left = counters_untouched;
   int t = static_cast<int>(blockIdx.x);
 #ifdef DSV4_FUSED_TIMELINE
   if (threadIdx.x == 0) {
@@ -182,7 +186,7 @@ __global__ void __launch_bounds__(kFusedThreads, kProject ? kBlocksPerSm : kComp
         // trip overlaps the wait for the pooled values and the epilogue (its result is looked
         // at after them). It cannot be the last out while a pool item runs.
         unsigned exit_count = 0;
-        if (one_wave && threadIdx.x == 0) exit_count = atomicAdd(&counters[kCounterExits], 1u);
+        if (one_wave && !counters_untouched && threadIdx.x == 0) exit_count = atomicAdd(&counters[kCounterExits], 1u);
         left = one_wave;
         const PooledValues pooled = load_pooled(mb.c, mb.pooled, e, true);
         DSV4_STAMP(f, mark1);
@@ -191,7 +195,7 @@ __global__ void __launch_bounds__(kFusedThreads, kProject ? kBlocksPerSm : kComp
           if (phase == 2) DSV4_STAMP(f, mark2);
           else DSV4_STAMP(f, mark3);
         });
-        if (one_wave && threadIdx.x == 0 && exit_count == gridDim.x - 1) reset_counters(f);
+        if (one_wave && !counters_untouched && threadIdx.x == 0 && exit_count == gridDim.x - 1) reset_counters(f);
       }
     }
     __syncthreads();
