@@ -403,61 +403,26 @@ __device__ void sum_slices(const FusedStep& f, const FusedMember& mb, int rb_glo
 // last was issued. All loads of a round go out before any is stored: at decode sizes one
 // round, one round trip.
 constexpr int kRowLoadsInFlight = 4;  // a round: 64 tokens of bf16, 32 of fp32
-// The rows of a group's span that exist: from its first token rounded down to 4 (Group::base)
-// to its end rounded up to 4, within the step's tokens.
-struct RowSpan {
-  int base = 0, tokens = 0;
-};
-__device__ __forceinline__ RowSpan row_span(const FusedStep& f, int first_token, int end_token) {
-  const int base = first_token & ~3;
-  return {base, min((end_token + 3) & ~3, f.tokens) - base};
-}
-// One round of loads: chunk idx0 + k * kFusedThreads of the span, 16 bytes each, for any dtype
-// (a token's 64 columns are 4 << elem_shift chunks), so that it can be issued before the
-// plan's staging tells which dtype instance stores them.
-__device__ __forceinline__ void load_row_round(const FusedMember& mb, int rb, RowSpan s, int idx0,
-                                               uint4 (&raw)[kRowLoadsInFlight]) {
-  const int elem_shift = mb.kv.dtype == DType::f32 ? 2 : 1, chunk_shift = 2 + elem_shift, per_load_shift = 4 - elem_shift;
-  const int ch_shift = mb.c.overlap ? 4 : 5;  // log2(channels_per_block)
-  const int work = s.tokens << chunk_shift;
-  const char* rows = static_cast<const char*>(mb.kv.data);
-#pragma unroll
-  for (int k = 0; k < kRowLoadsInFlight; ++k) {
-    const int idx = idx0 + k * kFusedThreads;
-    if (idx < work) {
-      const int tok = idx >> chunk_shift, row0 = (idx & ((1 << chunk_shift) - 1)) << per_load_shift;
-      const int column = (row0 >> ch_shift) * mb.c.head_dim + (rb << ch_shift) + (row0 & ((1 << ch_shift) - 1));
-      raw[k] = __ldcg(reinterpret_cast<const uint4*>(rows + ((static_cast<std::int64_t>(s.base + tok) * mb.kv.ld + column) << elem_shift)));
-    }
-  }
-}
-// The compress step's first round of a pool item's kv rows, issued right after the wait from
-// the group's token span in the launch parameters (FusedMember::group_token_offset): its round
-// trip then overlaps the plan's, which stage_plan waits for, instead of following it (the
-// thirtieth pass's timeline: staging 0.9 us after the wait, then the rows).
-struct FirstRows {
-  uint4 raw[kRowLoadsInFlight];
-};
-__device__ __forceinline__ void load_first_rows(const FusedStep& f, const FusedMember& mb, int rb, int group, FirstRows& first) {
-  load_row_round(mb, rb, row_span(f, mb.group_token_offset[group], mb.group_token_offset[group + 1]), threadIdx.x, first.raw);
-}
-// `first`: load_first_rows' round, the same span (both from the plan's token offsets).
 template <class ScoreT>
-__device__ __forceinline__ void load_projected_rows(const FusedStep& f, const FusedMember& mb, int rb, const Group& g,
-                                                    const FirstRows& first, char* smem) {
+__device__ void load_projected_rows(const FusedStep& f, const FusedMember& mb, int rb, const Group& g, char* smem) {
   constexpr int kPerLoad = 16 / static_cast<int>(sizeof(ScoreT));
   constexpr int kChunks = kFusedRowsPerBlock / kPerLoad;  // a token's 16-byte pieces
-  const RowSpan s = row_span(f, g.token_offset[0], g.token_offset[g.requests]);
-  const int work = kChunks * s.tokens;
+  const auto* rows = static_cast<const ScoreT*>(mb.kv.data);
+  const int tokens = min(g.base + g.stride - 1, f.tokens) - g.base;  // the span's rows that exist
+  const int work = kChunks * tokens;
+  const int ch_shift = mb.c.overlap ? 4 : 5;  // log2(channels_per_block)
   const bool round = mb.c.round_bf16;
   float* vals = smem_vals(smem);
   for (int idx0 = threadIdx.x; idx0 < work; idx0 += kRowLoadsInFlight * kFusedThreads) {
     uint4 raw[kRowLoadsInFlight];
-    if (idx0 == static_cast<int>(threadIdx.x)) {
 #pragma unroll
-      for (int k = 0; k < kRowLoadsInFlight; ++k) raw[k] = first.raw[k];
-    } else {
-      load_row_round(mb, rb, s, idx0, raw);
+    for (int k = 0; k < kRowLoadsInFlight; ++k) {
+      const int idx = idx0 + k * kFusedThreads;
+      if (idx < work) {
+        const int tok = idx / kChunks, row0 = idx % kChunks * kPerLoad;
+        const int column = (row0 >> ch_shift) * mb.c.head_dim + (rb << ch_shift) + (row0 & ((1 << ch_shift) - 1));
+        raw[k] = __ldcg(reinterpret_cast<const uint4*>(rows + static_cast<std::int64_t>(g.base + tok) * mb.kv.ld + column));
+      }
     }
 #pragma unroll
     for (int k = 0; k < kRowLoadsInFlight; ++k) {
@@ -479,14 +444,12 @@ __device__ __forceinline__ void load_projected_rows(const FusedStep& f, const Fu
 // channels of every completed window of the group into the pooled slots the entries read,
 // then updates those channels' state.
 // `g` comes from stage_plan.
-// `first`: the compress step's first round of kv rows (load_first_rows; unused with kProject).
 template <bool kStash, bool kProject>
-__device__ void pool_item(const FusedStep& f, int member, int rb_global, int rb, const Group& g, const FirstRows& first,
-                          char* smem) {
+__device__ void pool_item(const FusedStep& f, int member, int rb_global, int rb, const Group& g, char* smem) {
   const FusedMember& mb = f.m[member];
   if constexpr (kProject) sum_slices(f, mb, rb_global, g, smem);
-  else if (mb.kv.dtype == DType::f32) load_projected_rows<float>(f, mb, rb, g, first, smem);
-  else load_projected_rows<std::uint16_t>(f, mb, rb, g, first, smem);
+  else if (mb.kv.dtype == DType::f32) load_projected_rows<float>(f, mb, rb, g, smem);
+  else load_projected_rows<std::uint16_t>(f, mb, rb, g, smem);
   DSV4_STAMP(f, mark1);
   const float* vals = smem_vals(smem);
   const CompressorConsts& c = mb.c;

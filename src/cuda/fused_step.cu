@@ -154,11 +154,7 @@ __global__ void __launch_bounds__(kFusedThreads, kProject ? kBlocksPerSm : kComp
         // layer decode B=64 26.2 -> 22.8 us, B=256 44.1 -> 37.6, Pro B=64 33.2 -> 28.8.
         // Staging alone before the wait (no prefetch) measured even (thirtieth pass): the
         // blocks start only about 0.3 us before the wait returns.
-        FirstRows first;
-        if constexpr (!kProject) {
-          wait_once();
-          load_first_rows(f, mb, rb, local % mb.groups, first);
-        }
+        if constexpr (!kProject) wait_once();
         Group g = stage_plan(f, mb, local % mb.groups, raw);
         DSV4_STAMP(f, staged);
         if constexpr (kProject) prefetch_pool_state(mb, g, rb);
@@ -172,7 +168,7 @@ __global__ void __launch_bounds__(kFusedThreads, kProject ? kBlocksPerSm : kComp
           g.stash = stash;
           g.ape4 = reinterpret_cast<const float*>(stash + 8 * kStashRequestBytes);
         }
-        pool_item<kStash, kProject>(f, m, mb.first_row_block + rb, rb, g, first, raw);
+        pool_item<kStash, kProject>(f, m, mb.first_row_block + rb, rb, g, raw);
       } else {
         const int u = t - pool_end;
         const int m = (f.members > 1 && u >= f.m[1].first_entry) ? 1 : 0;
@@ -390,10 +386,7 @@ int fused_prepare_launch(FusedStep& f, int device) {
   const int beside_projection = f.tokens_cap <= 8 ? projection_items : 0;
   const int target_items = std::max(1, (f.projected ? kCompressBlocksPerSm : kBlocksPerSm) * sms - beside_projection);
   const int pool_target = f.entries < target_items / 2 ? target_items - f.entries : target_items;
-  // The compress step carries each group's token span in its launch parameters: at most
-  // kCompressMostGroups groups (only a member of few row blocks on a large grid has more room).
-  int most_groups = std::max(1, pool_target / std::max(1, f.row_blocks));
-  if (f.projected) most_groups = std::min(most_groups, kCompressMostGroups);
+  const int most_groups = std::max(1, pool_target / std::max(1, f.row_blocks));
   // Wider fused steps: groups whose (entry, channel) pairs fit one round of the block's
   // threads, where those groups' pool items still fit the grid. Pooling is a chain of
   // dependent loads a pair, and a second round doubled it: Flash CSA layer decode B=64, groups
@@ -500,8 +493,6 @@ std::vector<std::uint8_t> fused_stage_groups(FusedStep& f, const std::vector<Hos
                                            entry_offset[static_cast<std::size_t>(g * size)]));
     // Shared memory holds pool_group_bytes(group_requests, tokens_cap) (shared_bytes).
     if (cap > f.tokens_cap) throw Error("internal: a request group completes more entries than the step has tokens");
-    if (f.projected && mb.groups > kCompressMostGroups)
-      throw Error("internal: a compress step with more request groups than its launch carries");
     mb.group_entries_cap = cap;
     mb.staged_group_bytes = static_cast<int>(pool_group_bytes(size, cap));
     member_offsets.push_back(bytes.size());
@@ -541,10 +532,6 @@ std::vector<std::uint8_t> fused_stage_groups(FusedStep& f, const std::vector<Hos
           l.entry_request[el] = r;
           l.entry[el] = entry;
         }
-      }
-      if (f.projected) {
-        mb.group_token_offset[g] = l.token_offset[0];
-        mb.group_token_offset[g + 1] = l.token_offset[requests];
       }
     }
   }

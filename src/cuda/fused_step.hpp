@@ -30,9 +30,6 @@ constexpr int kFusedMaxMembers = 2;
 constexpr int kFusedMaxTokens = 256;  // larger steps take the unfused path
 constexpr int kFusedRowsPerBlock = 64;  // weight rows a work item streams (4 warps x 16)
 constexpr int kFusedThreads = 128;
-// The most request groups a compress step's member has (fused_prepare_launch), so that the
-// launch parameters carry every group's token span (FusedMember::group_token_offset).
-constexpr int kCompressMostGroups = 64;
 
 struct FusedMember {
   const std::uint16_t* w = nullptr;  // bf16 [2*coff*head_dim, hidden], kv rows first
@@ -49,10 +46,6 @@ struct FusedMember {
   int group_requests = 0;            // requests a pool item covers (fused_prepare_launch)
   int groups = 0;                    // request groups: pool items = row_blocks * groups
   int first_pool_item = 0;           // among all members' pool items
-  // The compress step: request group g's tokens are [group_token_offset[g],
-  // group_token_offset[g + 1]) (fused_stage_groups), so that a pool item issues its kv rows'
-  // loads right after the wait, beside the plan's, instead of after stage_plan.
-  int group_token_offset[kCompressMostGroups + 1] = {};
   // Each request group's plan values and entries' pooling indices, laid out on the host as a
   // pool item holds them in shared memory (fused_stage_groups): [groups][staged_group_bytes].
   const std::uint8_t* staged_groups = nullptr;
@@ -112,8 +105,8 @@ std::size_t fused_partial_floats(const FusedStep& f);
 int fused_prepare_launch(FusedStep& f, int device);
 // After fused_prepare_launch: every member's request groups as stage_plan copies them into
 // shared memory, one member after another (member k's from member_offsets[k], in bytes; each
-// a multiple of 16), and each member's staged_group_bytes, group_entries_cap and (the compress
-// step) group_token_offset. The caller copies the bytes to the device and sets staged_groups.
+// a multiple of 16), and each member's staged_group_bytes and group_entries_cap. The caller
+// copies the bytes to the device and sets staged_groups.
 std::vector<std::uint8_t> fused_stage_groups(FusedStep& f, const std::vector<HostPlan>& plans,
                                              std::vector<std::size_t>& member_offsets);
 // Launches with programmatic dependent launch, so that the weight loads of this step may
