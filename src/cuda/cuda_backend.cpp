@@ -76,10 +76,9 @@ bool dependent_launch_supported(int device) {
 
 // A plan's fused step or compress step (`projected`): everything but the run's tensors, and
 // the workspace (partial sums, then the kernel's counters, zeroed once and reset by every
-// launch).
+// launch, then the request groups' staged plans).
 struct FusedPlan {
   std::shared_ptr<void> workspace;
-  std::shared_ptr<void> staged_groups;  // cuda::fused_stage_groups' bytes
   cuda::FusedStep step;
   int blocks = 0;
   bool pdl = false;  // programmatic dependent launch (sm_90 and later)
@@ -104,18 +103,23 @@ std::shared_ptr<FusedPlan> make_fused_plan(int device, const std::vector<cuda::F
     f.row_blocks += members[k].row_blocks;
     f.entries += members[k].p.num_entries;
   }
-  const std::size_t partial_bytes = cuda::fused_partial_floats(f) * 4;
-  const std::size_t bytes = partial_bytes + cuda::fused_counter_count(f) * 4;
-  void* p = cuda_malloc(device, bytes);
-  fp->workspace = std::shared_ptr<void>(p, [device](void* q) { cuda_free(device, q); });
-  cuda_fill(device, static_cast<char*>(p) + partial_bytes, 0, bytes - partial_bytes);
-  f.partials = static_cast<float*>(p);
-  f.counters = reinterpret_cast<unsigned*>(static_cast<char*>(p) + partial_bytes);
   fp->blocks = cuda::fused_prepare_launch(f, device);
+  // One allocation and one copy: the partial sums (written before they are read), then the
+  // counters (zero) and the request groups' staged plans, which the copy writes together.
   std::vector<std::size_t> offsets;
-  fp->staged_groups = device_copy(device, cuda::fused_stage_groups(f, plans, offsets));
+  const std::vector<std::uint8_t> staged = cuda::fused_stage_groups(f, plans, offsets);
+  const std::size_t partial_bytes = cuda::fused_partial_floats(f) * 4;
+  const std::size_t counter_bytes = (cuda::fused_counter_count(f) * 4 + 15) / 16 * 16;  // staged: 16-byte loads
+  std::vector<std::uint8_t> host(counter_bytes + staged.size(), 0);
+  std::copy(staged.begin(), staged.end(), host.begin() + static_cast<std::ptrdiff_t>(counter_bytes));
+  void* p = cuda_malloc(device, partial_bytes + host.size());
+  fp->workspace = std::shared_ptr<void>(p, [device](void* q) { cuda_free(device, q); });
+  char* after_partials = static_cast<char*>(p) + partial_bytes;
+  cuda_copy(device, after_partials, host.data(), host.size());
+  f.partials = static_cast<float*>(p);
+  f.counters = reinterpret_cast<unsigned*>(after_partials);
   for (int k = 0; k < f.members; ++k)
-    f.m[k].staged_groups = static_cast<const std::uint8_t*>(fp->staged_groups.get()) + offsets[static_cast<std::size_t>(k)];
+    f.m[k].staged_groups = reinterpret_cast<const std::uint8_t*>(after_partials + counter_bytes) + offsets[static_cast<std::size_t>(k)];
   fp->pdl = dependent_launch_supported(device);
   return fp;
 }
