@@ -52,12 +52,12 @@ for stage in $stages; do
       filter='CudaRunning.*:CudaSlicedProjection.*:CudaHostileValues.*:CudaSoak.*:CudaGroup.*:*CudaVsCpu*Flash_CsaMain_Scoref32_Statef32*:*CudaVsCpu*Flash_CsaIndexer_Scoref32_Statebf16*:*CudaVsCpu*Flash_Hca_Scorebf16_Statebf16*:*CudaSplitInvariant*Flash_CsaMain_Scorebf16_Statef32*:CudaGraph.*:*CudaFused*Flash_CsaMain_Scorebf16_Statef32*:*CudaFused*Flash_Hca_Scoref32_Statebf16*:CudaFusedGroup.*:CudaFusedWide.*:CudaCompressStep.*'
       filter=${SANITIZE_FILTER:-$filter}  # a call may narrow it to what it changed
       for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
-        # Racecheck is slow per launch: the sliced projection's long serving test runs under
-        # memcheck only, its short one (both kernel instances) under both.
+        # Racecheck is slow per launch: the long serving tests of the sliced projection and the
+        # compress step run under memcheck only, their short ones under both.
         tool_filter=$filter
         if [ $tool = racecheck ]; then
           case $filter in *-*) tool_filter="$filter:" ;; *) tool_filter="$filter-" ;; esac
-          tool_filter+=CudaSlicedProjection.RunningStepsMatchFusedStepBitForBit
+          tool_filter+=CudaSlicedProjection.RunningStepsMatchFusedStepBitForBit:CudaCompressStep.OneLaunchMatchesPerStageKernelsBitForBit
         fi
         DSV4_TEST_SMALL=1 compute-sanitizer --tool $tool --error-exitcode 99 \
           "$BUILD_DIR"/tests/dsv4_cuda_tests --gtest_filter="$tool_filter" >"$LOGS/sanitizer_$tool.log" 2>&1; rc=$?

@@ -725,6 +725,106 @@ TEST(CudaSlicedProjection, BothInstancesGiveFusedStepBits) {
   });
 }
 
+// The compress step and the fused step's instances in a few steps each, few enough for
+// racecheck (device-check.sh runs these under it, not the long serving tests above). Flash:
+//  - a CSA layer's group after its projection (the compress step), 12 requests of 5, 4, 1 and
+//    3 tokens (60, 48, 12, 36 tokens; windows complete in all but the third), against the
+//    per-stage kernels, and HCA with running state alone (4 requests of 64, 64, 8 tokens: an
+//    entry each in the second step), each for kv_score f32 and bf16: the same entries and
+//    cache rows;
+//  - the fused step (FusedDecode::always) of the same group, in steps of 1 token (8 requests:
+//    the one-tile instance with the stash), 5 (40 tokens: the ring on wgmma where the device
+//    has it, else mma.sync) and 2 (4 requests): the same entries as each member's own fused
+//    step, the bits of CudaFusedGroup.
+TEST(CudaCompressStep, FewStepsForRacecheck) {
+  REQUIRE_GPU();
+  std::mt19937_64 rng(std::random_device{}());
+  auto main_spec = CompressorSpec::preset(Model::flash, CompressorKind::csa_main);
+  auto idx_spec = CompressorSpec::preset(Model::flash, CompressorKind::csa_indexer);
+  auto hca_spec = CompressorSpec::preset(Model::flash, CompressorKind::hca);
+  main_spec.hidden = idx_spec.hidden = hca_spec.hidden = 256;  // the compress step projects nothing
+  const auto wm = random_weights(main_spec, rng()), wi = random_weights(idx_spec, rng()), wh = random_weights(hca_spec, rng());
+  auto buffers = test::device_buffers(Device::cuda(0));
+  auto steps = [](std::size_t first, std::size_t count, std::initializer_list<std::int64_t> tokens) {
+    test::Schedule schedule;
+    for (std::int64_t t : tokens) {
+      std::vector<std::pair<std::size_t, std::int64_t>> step;
+      for (std::size_t i = first; i < first + count; ++i) step.emplace_back(i, t);
+      schedule.push_back(std::move(step));
+    }
+    return schedule;
+  };
+  for (DType score : {DType::f32, DType::bf16}) {
+    const std::string label = std::string("kv_score ") + std::string(dtype_name(score));
+    const Options single{.device = Device::cuda(0), .precision = {score, score}, .fused_decode = FusedDecode::off,
+                         .compress_launch = CompressLaunch::single};
+    Options per_stage = single;
+    per_stage.compress_launch = CompressLaunch::per_stage;
+    {  // a CSA layer's group
+      const Compressor ma(main_spec, wm.view(main_spec), single), ia(idx_spec, wi.view(idx_spec), single);
+      const Compressor mb(main_spec, wm.view(main_spec), per_stage), ib(idx_spec, wi.view(idx_spec), per_stage);
+      const CompressorGroup a({&ma, &ia}), b({&mb, &ib});
+      {
+        StatePool pm(ma, 12), pi(ia, 12);
+        Batch wide;
+        for (std::int64_t s = 0; s < 12; ++s) wide.add(s, 0, 5), wide.cache_locations.push_back(s);
+        ASSERT_TRUE(a.plan({wide, wide}, {&pm, &pi}).compress_step()) << label;
+      }
+      const auto seqs = test::random_sequences(12, 13, 13, main_spec.hidden, rng);
+      const auto schedule = steps(0, 12, {5, 4, 1, 3});
+      const auto x = test::serve_group(a, seqs, schedule, *buffers), y = test::serve_group(b, seqs, schedule, *buffers);
+      for (std::size_t i = 0; i < seqs.size(); ++i) {
+        ASSERT_EQ(x[0][i].size(), 3u * static_cast<std::size_t>(main_spec.head_dim)) << label << ", sequence " << i;
+        EXPECT_EQ(x[0][i], y[0][i]) << label << ", group main, sequence " << i;
+        EXPECT_EQ(x[1][i], y[1][i]) << label << ", group indexer, sequence " << i;
+      }
+    }
+    {  // HCA with running state alone
+      Options a_opts = single, b_opts = per_stage;
+      a_opts.window_state = b_opts.window_state = WindowState::running;
+      const Compressor a(hca_spec, wh.view(hca_spec), a_opts), b(hca_spec, wh.view(hca_spec), b_opts);
+      const auto seqs = test::random_sequences(4, 136, 136, hca_spec.hidden, rng);
+      const auto schedule = steps(0, 4, {64, 64, 8});
+      {
+        StatePool pool(a, 4);
+        pool.data().next_position[0] = 64;  // as if 64 tokens were appended: the next 64 complete a window
+        Batch second;
+        second.add(0, 64, 64);
+        second.cache_locations.push_back(0);
+        ASSERT_TRUE(a.plan(second, pool).compress_step()) << label;
+      }
+      const auto x = test::serve(a, seqs, schedule, *buffers, rng), y = test::serve(b, seqs, schedule, *buffers, rng);
+      EXPECT_EQ(x.problems, "") << label;
+      EXPECT_EQ(y.problems, "") << label;
+      for (std::size_t i = 0; i < seqs.size(); ++i) {
+        ASSERT_EQ(x.entries[i].size(), static_cast<std::size_t>(hca_spec.head_dim)) << label << ", HCA sequence " << i;
+        EXPECT_EQ(x.entries[i], y.entries[i]) << label << ", HCA sequence " << i;
+        EXPECT_EQ(x.cache[i], y.cache[i]) << label << ", HCA sequence " << i;
+      }
+    }
+  }
+  // The fused step's instances, at Flash's own hidden (8 atoms a slice: the ring goes round).
+  const auto fm_spec = CompressorSpec::preset(Model::flash, CompressorKind::csa_main);
+  const auto fi_spec = CompressorSpec::preset(Model::flash, CompressorKind::csa_indexer);
+  const auto fwm = random_weights(fm_spec, rng()), fwi = random_weights(fi_spec, rng());
+  const Options always{.device = Device::cuda(0), .precision = {DType::bf16, DType::f32}, .fused_decode = FusedDecode::always};
+  const Compressor fm(fm_spec, fwm.view(fm_spec), always), fi(fi_spec, fwi.view(fi_spec), always);
+  const CompressorGroup group({&fm, &fi});
+  std::vector<test::Sequence> seqs = test::random_sequences(8, 6, 6, fm_spec.hidden, rng);
+  for (auto& q : test::random_sequences(4, 2, 2, fm_spec.hidden, rng)) seqs.push_back(std::move(q));
+  test::Schedule schedule = steps(0, 8, {1, 5});
+  schedule.push_back(steps(8, 4, {2})[0]);
+  const auto together = test::serve_group(group, seqs, schedule, *buffers);
+  const auto alone_main = test::serve(fm, seqs, schedule, *buffers, rng);
+  const auto alone_idx = test::serve(fi, seqs, schedule, *buffers, rng);
+  EXPECT_EQ(alone_main.problems, "");
+  for (std::size_t i = 0; i < 8; ++i) {
+    ASSERT_EQ(together[0][i].size(), static_cast<std::size_t>(fm_spec.head_dim)) << "fused, sequence " << i;
+    EXPECT_EQ(together[0][i], alone_main.entries[i]) << "fused main, sequence " << i;
+    EXPECT_EQ(together[1][i], alone_idx.entries[i]) << "fused indexer, sequence " << i;
+  }
+}
+
 // Fused plans of different sizes (different kernel instances and shared memory) may all be made
 // first and run later in any order, and give the bits of plans made just before their run.
 TEST(CudaFusedPlans, MadeTogetherRunInAnyOrder) {
