@@ -46,10 +46,10 @@ __device__ __forceinline__ float block_sum(float v, float* scratch /* 32 floats 
 // multiplies on the GPU, and the pooling of a one-token step runs on one warp, so it sat on
 // the step's critical path. Measured on the H100 (docs/PERF.md): Flash HCA decode B=1 8.9 ->
 // 8.65 us, Pro CSA layer B=1 20.45 -> 20.1, the unfused variants 0.5-1.1 us faster.
-__device__ __forceinline__ std::int64_t window_of(const CompressorConsts& c, std::int64_t position) {
+__host__ __device__ __forceinline__ std::int64_t window_of(const CompressorConsts& c, std::int64_t position) {
   return position >> c.ratio_shift;
 }
-__device__ __forceinline__ std::int64_t window_start_of(const CompressorConsts& c, std::int64_t position) {
+__host__ __device__ __forceinline__ std::int64_t window_start_of(const CompressorConsts& c, std::int64_t position) {
   return position & ~static_cast<std::int64_t>(c.ratio - 1);
 }
 

@@ -513,7 +513,7 @@ std::vector<std::uint8_t> fused_stage_groups(FusedStep& f, const std::vector<Hos
         const int tok0 = l.token_offset[r] - base;
         for (int e = l.entry_offset[r]; e < l.entry_offset[r + 1]; ++e) {
           const int el = e - l.entry_offset[0];
-          const std::int64_t w = (start >> c.ratio_shift) + (e - l.entry_offset[r]);  // the entry's window
+          const std::int64_t w = window_of(c, start) + (e - l.entry_offset[r]);
           PoolEntry entry{};
           entry.request = r;
           if (c.overlap) {
