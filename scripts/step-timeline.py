@@ -59,6 +59,15 @@ def main(path):
         for field, label in (("start", "start"), ("waited", "wait returned"), ("mark1", labels[0]),
                              ("mark2", labels[1]), ("exit", "exit")):
             print(f"  {label:<20} {span(b[field] for b in blocks)}")
+        # Blocks that share an SM split its copy and issue rates: their exits by how many
+        # blocks of this launch each SM held.
+        per_sm = {}
+        for b in blocks:
+            per_sm.setdefault(b["sm"], []).append(b)
+        for k in sorted({len(v) for v in per_sm.values()}):
+            held = [b for v in per_sm.values() if len(v) == k for b in v]
+            print(f"  {sum(len(v) == k for v in per_sm.values())} SMs held {k}: exit {span(b['exit'] for b in held)},"
+                  f" wait to exit {spread([(b['exit'] - b['waited']) / 1000.0 for b in held if b['waited']])}")
         atoms = max(len(b["atoms"]) for b in blocks)
         if atoms:
             print("  multiply loop: atom's x in shared memory, us after the block's wait; gap to the atom before")
