@@ -64,9 +64,12 @@ def main(path):
         per_sm = {}
         for b in blocks:
             per_sm.setdefault(b["sm"], []).append(b)
-        for k in sorted({len(v) for v in per_sm.values()}):
-            held = [b for v in per_sm.values() if len(v) == k for b in v]
-            print(f"  {sum(len(v) == k for v in per_sm.values())} SMs held {k}: exit {span(b['exit'] for b in held)},"
+        by_load = {}  # blocks an SM held -> those SMs' blocks
+        for sm_blocks in per_sm.values():
+            by_load.setdefault(len(sm_blocks), []).append(sm_blocks)
+        for k, sms in sorted(by_load.items()):
+            held = [b for sm_blocks in sms for b in sm_blocks]
+            print(f"  {len(sms)} SMs held {k}: exit {span(b['exit'] for b in held)},"
                   f" wait to exit {spread([(b['exit'] - b['waited']) / 1000.0 for b in held if b['waited']])}")
         atoms = max(len(b["atoms"]) for b in blocks)
         if atoms:
